@@ -1,0 +1,18 @@
+"""Lightning callbacks that compress semantic-segmentation networks for embedded devices."""
+
+from lightning_segcompress.data import (
+    CityscapesDataModule,
+    SegmentationFolderDataModule,
+    SyntheticScenesDataModule,
+)
+from lightning_segcompress.models import SegmentationModule, build_network
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CityscapesDataModule",
+    "SegmentationFolderDataModule",
+    "SegmentationModule",
+    "SyntheticScenesDataModule",
+    "build_network",
+]

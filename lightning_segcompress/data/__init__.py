@@ -1,0 +1,15 @@
+"""Segmentation DataModules: synthetic scenes (no download), image folders and Cityscapes."""
+
+from lightning_segcompress.data.base import SegmentationDataModule
+from lightning_segcompress.data.cityscapes import CityscapesDataModule
+from lightning_segcompress.data.folder import SegmentationFolderDataModule
+from lightning_segcompress.data.synthetic import SyntheticScenesDataModule
+from lightning_segcompress.data.transforms import SegmentationTransform
+
+__all__ = [
+    "CityscapesDataModule",
+    "SegmentationDataModule",
+    "SegmentationFolderDataModule",
+    "SegmentationTransform",
+    "SyntheticScenesDataModule",
+]

@@ -1,0 +1,240 @@
+"""Model inspection shared by every technique: sizes, MACs, the network inside a wrapper, example inputs,
+and the classifier layers that must never be pruned. Pure torch (a LightningModule is an ``nn.Module``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+# Attribute names under which LightningModules commonly keep their network, in order of preference.
+NETWORK_ATTRIBUTE_CANDIDATES = ("net", "network", "model", "segmenter", "backbone_model")
+
+
+def extract_logits(output) -> torch.Tensor:
+    """Return the main logits tensor of a segmentation network's output.
+
+    Handles plain tensors, torchvision's ``{"out": ..., "aux": ...}`` dicts and tuples/lists whose first
+    element is the main output.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "out" in output:
+            return output["out"]
+        raise TypeError(
+            f"Segmentation output is a mapping with keys {sorted(output)} but no 'out' key; "
+            "return a tensor or a dict with the logits under 'out'."
+        )
+    if isinstance(output, Sequence) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"Cannot find logits in a network output of type {type(output).__name__}.")
+
+
+def output_tensors(output) -> list[torch.Tensor]:
+    """All tensors in a (possibly nested) network output, e.g. both 'out' and 'aux' heads."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, Sequence) and not isinstance(output, str):
+        return [t for item in output for t in output_tensors(item)]
+    return []
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass, counted by torch-pruning (on a copy of the model)."""
+    macs, _ = tp.utils.count_ops_and_params(model, example_input)
+    return int(macs)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    macs: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"params": self.params, "macs": self.macs}
+
+
+def model_stats(model: nn.Module, example_input: torch.Tensor) -> ModelStats:
+    return ModelStats(params=count_params(model), macs=count_macs(model, example_input))
+
+
+def find_network(module: nn.Module, attribute: str | None = None) -> nn.Module:
+    """Locate the segmentation network inside a LightningModule (or any wrapper module).
+
+    Args:
+        module: the wrapper, usually a LightningModule.
+        attribute: dotted attribute path of the network (e.g. ``"model"`` or ``"model.net"``). When not
+            given, the first of ``net``, ``network``, ``model``, ``segmenter`` that is an ``nn.Module``
+            holding parameters is used; otherwise the single child module that holds parameters.
+
+    Raises:
+        AttributeError / ValueError: with the candidates found and how to name the right one.
+    """
+    if attribute:
+        target: object = module
+        for part in attribute.split("."):
+            if not hasattr(target, part):
+                raise AttributeError(
+                    f"{type(module).__name__} has no attribute path {attribute!r} (failed at {part!r}); "
+                    f"its children are {[n for n, _ in module.named_children()]}."
+                )
+            target = getattr(target, part)
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"{attribute!r} on {type(module).__name__} is a {type(target).__name__}, "
+                            "not an nn.Module.")
+        return target
+
+    children = {name: child for name, child in module.named_children() if _has_parameters(child)}
+    for name in NETWORK_ATTRIBUTE_CANDIDATES:
+        if name in children:
+            return children[name]
+    if len(children) == 1:
+        return next(iter(children.values()))
+    if not children:
+        raise ValueError(f"{type(module).__name__} has no child module with parameters to compress.")
+    raise ValueError(
+        f"Cannot tell which child of {type(module).__name__} is the network: {sorted(children)} all hold "
+        "parameters. Pass the attribute name explicitly (e.g. network_attribute='model')."
+    )
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def input_channels(network: nn.Module) -> int:
+    """Input channels of the first convolution in the network (3 for RGB segmentation nets)."""
+    for m in network.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise ValueError(f"{type(network).__name__} has no nn.Conv2d; pass the input shape explicitly.")
+
+
+def example_input(
+    network: nn.Module,
+    size: int | Sequence[int] = 64,
+    batch_size: int = 1,
+    channels: int | None = None,
+    reference: object = None,
+) -> torch.Tensor:
+    """Build an example input on the network's device and dtype.
+
+    ``reference`` may be a tensor, an ``(image, mask)`` batch or a ``{"image": ...}`` batch (e.g. a
+    LightningModule's ``example_input_array`` or a batch from a dataloader): its image tensor is used
+    (first ``batch_size`` items). Otherwise a random ``batch_size x C x H x W`` tensor is made, with C read
+    from the first convolution.
+    """
+    param = next(network.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if reference is not None:
+        image = _image_from_batch(reference)
+        return image[:batch_size].to(device=device, dtype=dtype)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    c = channels or input_channels(network)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, c, h, w, generator=generator).to(device=device, dtype=dtype)
+
+
+def _image_from_batch(batch: object) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in ("image", "images", "input", "x"):
+            if key in batch:
+                return batch[key]
+    if isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(
+        f"Cannot find an image tensor in a batch of type {type(batch).__name__}; expected a tensor, "
+        "an (image, mask) tuple or a dict with an 'image' key."
+    )
+
+
+_WEIGHTED_BACKWARD = ("ConvolutionBackward", "AddmmBackward", "MmBackward", "LinearBackward")
+
+
+def find_classifier_layers(network: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the layers that produce the network's outputs (the final classifier convs).
+
+    Walks the autograd graph backwards from every output tensor (so torchvision's ``aux`` head and
+    LR-ASPP's two classifier branches are all found) and stops at the first weighted layer on each path.
+    Pruning the output channels of these layers would change the number of classes.
+    """
+    param_owner = {id(p): name for name, m in network.named_modules() for p in m.parameters(recurse=False)}
+    was_training = network.training
+    frozen = [p for p in network.parameters() if not p.requires_grad]
+    network.eval()
+    try:
+        for p in frozen:  # frozen weights leave no trace in the autograd graph
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = output_tensors(network(example))
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        network.train(was_training)
+    found: list[str] = []
+    seen: set = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith(_WEIGHTED_BACKWARD):
+            owner = _weight_owner(node, param_owner)
+            if owner is not None:
+                if owner not in found:
+                    found.append(owner)
+                continue
+        stack.extend(next_fn for next_fn, _ in node.next_functions if next_fn is not None)
+    if not found:
+        raise ValueError(
+            f"No weighted layer produces the outputs of {type(network).__name__}; does any parameter "
+            "require grad? Name the classifier layers explicitly."
+        )
+    return found
+
+
+def _weight_owner(node, param_owner: dict[int, str]) -> str | None:
+    """Module name owning a parameter that feeds this backward node directly (or through a transpose)."""
+    pending = [fn for fn, _ in node.next_functions if fn is not None]
+    for _ in range(3):  # Linear weights reach addmm through a TBackward node
+        following = []
+        for fn in pending:
+            variable = getattr(fn, "variable", None)
+            if variable is not None and id(variable) in param_owner and variable.dim() > 1:
+                return param_owner[id(variable)]
+            if type(fn).__name__.startswith(("TBackward", "PermuteBackward", "ViewBackward")):
+                following.extend(f for f, _ in fn.next_functions if f is not None)
+        pending = following
+    return None
+
+
+def match_module_names(network: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
+    """Map each pattern (an exact module name or a regex matched against the full name) to the module
+    names it selects. Patterns that select nothing map to an empty list, so callers can report them."""
+    names = [name for name, _ in network.named_modules() if name]
+    result: dict[str, list[str]] = {}
+    for pattern in patterns:
+        if pattern in names:
+            result[pattern] = [pattern]
+            continue
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"Layer pattern {pattern!r} is neither a module name nor a valid regex: {err}") from err
+        result[pattern] = [name for name in names if regex.fullmatch(name)]
+    return result

@@ -1,0 +1,33 @@
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    (example,) = python_blocks()
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, str(README), "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    assert "ModelStats(params=" in out and "['segmentation_head.0']" in out
+    assert list((tmp_path / "runs" / "readme").glob("*.ckpt")), "the example's checkpoint was written"
+
+
+def test_readme_yaml_example_parses_with_the_cli(tmp_path, capsys):
+    from lightning_segcompress.cli import main
+
+    (recipe,) = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    path = tmp_path / "my_recipe.yaml"
+    path.write_text(recipe)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "lraspp_mobilenet_v3_large" in out and "CityscapesDataModule" in out
