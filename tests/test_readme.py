@@ -20,14 +20,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert list((tmp_path / "runs" / "readme").glob("*.ckpt")), "the example's checkpoint was written"
 
 
-def test_readme_yaml_example_parses_with_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("index, expected", [(0, ["lraspp_mobilenet_v3_large", "CityscapesDataModule"]),
+                                             (1, ["DeviceBenchmark", "torchscript_lite"])])
+def test_readme_yaml_examples_parse_with_the_cli(index, expected, tmp_path, capsys):
     from lightning_segcompress.cli import main
 
-    (recipe,) = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
+    recipe = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)[index]
     path = tmp_path / "my_recipe.yaml"
     path.write_text(recipe)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "lraspp_mobilenet_v3_large" in out and "CityscapesDataModule" in out
+    assert all(text in out for text in expected)

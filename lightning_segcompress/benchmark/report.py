@@ -1,0 +1,124 @@
+"""Before/after ratios, the Markdown table and the report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def compare(baseline: dict, current: dict) -> dict:
+    """Per runtime: speedup, size ratio, MACs ratio and efficiency = speedup / MACs ratio.
+
+    Every ratio is ``baseline / current`` so that > 1 means the current model is faster / smaller / cheaper.
+    A runtime missing or failed on either side gets no ratios.
+    """
+    macs_ratio = _ratio(baseline.get("macs"), current.get("macs"))
+    params_ratio = _ratio(baseline.get("params"), current.get("params"))
+    ratios = {}
+    for runtime, now in current.get("runtimes", {}).items():
+        before = baseline.get("runtimes", {}).get(runtime, {})
+        if now.get("status") != "ok" or before.get("status") != "ok":
+            continue
+        speedup = _ratio(before.get("median_ms"), now.get("median_ms"))
+        ratios[runtime] = {
+            "speedup": speedup,
+            "size_ratio": _ratio(before.get("size_mb"), now.get("size_mb")),
+            "macs_ratio": macs_ratio,
+            "params_ratio": params_ratio,
+            "efficiency": speedup / macs_ratio if speedup and macs_ratio else None,
+        }
+    return ratios
+
+
+def _ratio(before, after):
+    if before is None or after is None or after == 0:
+        return None
+    return before / after
+
+
+COLUMNS = (
+    "runtime",
+    "status",
+    "median ms",
+    "p90 ms",
+    "size MB",
+    "params M",
+    "GMACs",
+    "model peak MB",
+    "speedup",
+    "size ratio",
+    "MACs ratio",
+    "efficiency",
+)
+
+
+def markdown_table(stages: dict[str, dict], label: str = "stage") -> str:
+    """One row per (stage, runtime). ``stages`` maps a stage name to ``{"report": ..., "ratios": ...}``."""
+    columns = (label, *COLUMNS)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for stage, content in stages.items():
+        report, ratios = content["report"], content.get("ratios") or {}
+        for runtime, entry in report.get("runtimes", {}).items():
+            ratio = ratios.get(runtime, {})
+            status = entry["status"]
+            if status == "error":
+                status = f"error: {entry['error']['type']}: {entry['error']['message'][:80]}"
+            elif status == "skipped":
+                status = f"skipped: {entry['reason'][:80]}"
+            cells = [
+                stage,
+                runtime,
+                status.replace("|", "/"),
+                _fmt(entry.get("median_ms"), 1),
+                _fmt(entry.get("p90_ms"), 1),
+                _fmt(entry.get("size_mb"), 2),
+                _fmt(_scale(report.get("params"), 1e6), 3),
+                _fmt(_scale(report.get("macs"), 1e9), 3),
+                _fmt(entry.get("model_peak_mb"), 0),
+                _fmt(ratio.get("speedup"), 2, "x"),
+                _fmt(ratio.get("size_ratio"), 2, "x"),
+                _fmt(ratio.get("macs_ratio"), 2, "x"),
+                _fmt(ratio.get("efficiency"), 2),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _scale(value, factor):
+    return None if value is None else value / factor
+
+
+def _fmt(value, digits: int, suffix: str = "") -> str:
+    return "" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def write_report(output_dir: str | Path, stages: dict[str, dict], settings: dict) -> tuple[Path, Path]:
+    """Write ``benchmark.json`` and ``benchmark.md``; returns both paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "benchmark.json", output_dir / "benchmark.md"
+    json_path.write_text(json.dumps({"settings": settings, "stages": stages}, indent=2))
+    shape = "x".join(str(s) for s in settings.get("input_shape", []))
+    md_path.write_text(
+        f"# Device benchmark\n\nInput {shape}, threads {settings.get('threads') or 'default'}, "
+        f"{settings.get('warmup')} warm-up + {settings.get('runs')} timed runs.\n"
+        "Ratios are baseline / this stage (> 1 = faster, smaller, fewer MACs); "
+        "efficiency = speedup / MACs ratio.\n\n" + markdown_table(stages) + "\n"
+    )
+    return json_path, md_path
+
+
+def flat_metrics(stage: str, report: dict, ratios: dict | None = None) -> dict[str, float]:
+    """Numbers for the trainer's loggers: ``benchmark/<stage>/<runtime>/<metric>``."""
+    metrics = {}
+    for key in ("params", "macs"):
+        if report.get(key) is not None:
+            metrics[f"benchmark/{stage}/{key}"] = float(report[key])
+    for runtime, entry in report.get("runtimes", {}).items():
+        for key in ("median_ms", "p90_ms", "size_mb", "peak_rss_mb", "model_peak_mb"):
+            if entry.get(key) is not None:
+                metrics[f"benchmark/{stage}/{runtime}/{key}"] = float(entry[key])
+        for key, value in (ratios or {}).get(runtime, {}).items():
+            if value is not None:
+                metrics[f"benchmark/{stage}/{runtime}/{key}"] = float(value)
+    return metrics

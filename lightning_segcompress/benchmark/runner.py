@@ -1,0 +1,166 @@
+"""Benchmark one network on every requested runtime: export, reload, check outputs, time, measure."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_segcompress.benchmark.executorch_runtime import (
+    ExecuTorchProgram,
+    executorch_available,
+    export_executorch,
+)
+from lightning_segcompress.benchmark.timing import measure_latency, num_threads
+from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
+from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
+
+RUNTIMES = ("eager", "torchscript_lite", "executorch")
+_ARTIFACTS = {"torchscript_lite": "model.ptl", "executorch": "model.pte"}
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What to measure. ``isolate`` times exported artifacts in a fresh subprocess per runtime, so that
+    their peak memory is their own and not the training process's."""
+
+    input_shape: tuple[int, ...] = (1, 3, 512, 512)
+    runtimes: tuple[str, ...] = ("eager", "torchscript_lite", "executorch")
+    threads: int | None = None
+    warmup: int = 3
+    runs: int = 10
+    tolerance: float = 1e-3
+    isolate: bool = True
+    worker_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"Unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}.")
+        if not self.runtimes:
+            raise ValueError(f"runtimes is empty; choose one or more of {list(RUNTIMES)}.")
+        if len(self.input_shape) != 4 or any(int(s) <= 0 for s in self.input_shape):
+            raise ValueError(f"input_size must be 4 positive ints (N, C, H, W), got {list(self.input_shape)}.")
+        if self.runs <= 0:
+            raise ValueError(f"runs must be positive, got {self.runs}.")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}.")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be positive (or None for torch's default), got {self.threads}.")
+        if self.tolerance <= 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance}.")
+
+
+class LogitsOnly(nn.Module):
+    """Wraps a network so that it returns only its main logits tensor (exporters need one tensor)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return extract_logits(self.network(x))
+
+
+def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_dir: str | Path) -> dict:
+    """Measure a copy of ``network`` (the original is never modified) on each runtime.
+
+    Returns a JSON-serialisable report: ``params``, ``macs``, ``input_shape`` and per runtime either
+    ``{"status": "ok", "median_ms", "p90_ms", "size_mb", "max_abs_diff", "peak_rss_mb", ...}``,
+    ``{"status": "skipped", "reason"}`` or ``{"status": "error", "error": {"type", "message"}}``. Errors are
+    recorded, never raised.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = LogitsOnly(copy.deepcopy(network).cpu()).eval()
+    x = torch.randn(*settings.input_shape, generator=torch.Generator().manual_seed(0))
+    report: dict = {"input_shape": list(settings.input_shape), "params": count_params(model), "runtimes": {}}
+    try:
+        report["macs"] = count_macs(model, x)
+    except Exception as err:  # noqa: BLE001 - a counting failure must not lose the latency numbers
+        report["macs"] = None
+        report["macs_error"] = _error(err)
+    try:
+        with torch.no_grad(), num_threads(settings.threads):
+            reference = model(x)
+    except Exception as err:  # noqa: BLE001
+        report["runtimes"] = {r: {"status": "error", "error": _error(err)} for r in settings.runtimes}
+        return report
+    for runtime in settings.runtimes:
+        try:
+            entry = _RUNNERS[runtime](model, x, reference, settings, output_dir)
+        except Exception as err:  # noqa: BLE001 - recorded in the report, the caller carries on
+            entry = {"status": "error", "error": _error(err)}
+        report["runtimes"][runtime] = entry
+    return report
+
+
+def _run_eager(model, x, reference, settings, output_dir) -> dict:
+    with num_threads(settings.threads):
+        latency = measure_latency(model, x, settings.warmup, settings.runs)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    return {"status": "ok", **latency, "size_mb": weights / 1e6, "size_kind": "weights in memory",
+            "max_abs_diff": 0.0, "peak_rss_mb": None}
+
+
+def _run_torchscript_lite(model, x, reference, settings, output_dir) -> dict:
+    path = output_dir / _ARTIFACTS["torchscript_lite"]
+    info = export_torchscript_lite(model, x, path)
+    return _check_and_time("torchscript_lite", load_lite(path), info, x, reference, settings)
+
+
+def _run_executorch(model, x, reference, settings, output_dir) -> dict:
+    available, reason = executorch_available()
+    if not available:
+        return {"status": "skipped", "reason": reason}
+    path = output_dir / _ARTIFACTS["executorch"]
+    info = export_executorch(model, x, path)
+    program = ExecuTorchProgram(path, num_threads=settings.threads)  # its thread pool ignores torch's setting
+    return _check_and_time("executorch", program, info, x, reference, settings)
+
+
+def _check_and_time(runtime: str, program, info: dict, x, reference, settings) -> dict:
+    with torch.no_grad():
+        output = program(x)
+    diff = float((output - reference).abs().max())
+    if not diff <= settings.tolerance:
+        raise AssertionError(
+            f"{runtime} output differs from eager by {diff:.3g} > tolerance {settings.tolerance:g}"
+        )
+    entry = {"status": "ok", "size_mb": info["size_bytes"] / 1e6, "size_kind": "file",
+             "max_abs_diff": diff, **{k: v for k, v in info.items() if k != "size_bytes"}}
+    if settings.isolate:
+        entry.update(_time_in_subprocess(runtime, info["path"], settings))
+    else:
+        with num_threads(settings.threads):
+            entry.update(measure_latency(program, x, settings.warmup, settings.runs), peak_rss_mb=None)
+    return entry
+
+
+def _time_in_subprocess(runtime: str, path: str, settings: BenchmarkSettings) -> dict:
+    command = [sys.executable, "-m", "lightning_segcompress.benchmark.worker", runtime, path,
+               "--shape", ",".join(str(s) for s in settings.input_shape), "--threads", str(settings.threads or 0),
+               "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=settings.worker_timeout_s)
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-3:]
+        raise RuntimeError(f"{runtime} timing subprocess failed (exit {result.returncode}): {' | '.join(tail)}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _error(err: BaseException) -> dict:
+    text = str(err).strip()
+    return {"type": type(err).__name__, "message": text.splitlines()[0][:500] if text else ""}
+
+
+def settings_dict(settings: BenchmarkSettings) -> dict:
+    return asdict(settings)
+
+
+_RUNNERS = {"eager": _run_eager, "torchscript_lite": _run_torchscript_lite, "executorch": _run_executorch}

@@ -1,0 +1,86 @@
+"""``segcompress-benchmark``: the DeviceBenchmark measurements for a checkpoint or network, without training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import CLI
+
+from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, compare, markdown_table, write_report
+from lightning_segcompress.benchmark.runner import settings_dict
+from lightning_segcompress.models.factory import build_network, resolve_class_path
+from lightning_segcompress.utils.inspection import find_network
+
+
+def load_network(
+    checkpoint: str | None, network: dict[str, Any] | None, model_class: str, num_classes: int | None,
+    network_attribute: str | None = None,
+):
+    if (checkpoint is None) == (network is None):
+        raise ValueError("Give exactly one of a checkpoint (--checkpoint) or a network spec (--network).")
+    if network is not None:
+        return build_network(network, num_classes=num_classes)
+    module = resolve_class_path(model_class).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    return find_network(module, network_attribute)
+
+
+def benchmark(
+    checkpoint: str | None = None,
+    network: dict[str, Any] | None = None,
+    baseline_checkpoint: str | None = None,
+    baseline_network: dict[str, Any] | None = None,
+    model_class: str = "lightning_segcompress.SegmentationModule",
+    network_attribute: str | None = None,
+    num_classes: int | None = 19,
+    input_size: list[int] = (1, 3, 512, 512),
+    runtimes: list[str] = ("eager", "torchscript_lite", "executorch"),
+    threads: int | None = None,
+    warmup: int = 3,
+    runs: int = 10,
+    tolerance: float = 1e-3,
+    output_dir: str = "runs/benchmark",
+) -> dict:
+    """Benchmark a model from a checkpoint or a network spec; optionally compare it with a baseline.
+
+    Args:
+        checkpoint: Lightning checkpoint of ``model_class`` to measure.
+        network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
+        baseline_checkpoint: checkpoint to compare against (ratios are baseline / model).
+        baseline_network: or a network spec to compare against.
+        model_class: LightningModule class of the checkpoints.
+        network_attribute: attribute path of the network in that module (default: found automatically).
+        num_classes: classes for network specs that take ``classes``/``num_classes``.
+        input_size: ``[N, C, H, W]`` of the benchmark input.
+        runtimes: any of ``eager``, ``torchscript_lite``, ``executorch``.
+        threads: CPU threads for timing (default: torch's).
+        warmup: untimed calls before timing.
+        runs: timed calls.
+        tolerance: largest accepted absolute output difference to eager.
+        output_dir: where the exported models, benchmark.json and benchmark.md go.
+    """
+    settings = BenchmarkSettings(input_shape=tuple(input_size), runtimes=tuple(runtimes), threads=threads,
+                                 warmup=warmup, runs=runs, tolerance=tolerance)
+    out = Path(output_dir)
+    stages: dict[str, dict] = {}
+    if baseline_checkpoint is not None or baseline_network is not None:
+        base = load_network(baseline_checkpoint, baseline_network, model_class, num_classes, network_attribute)
+        stages["baseline"] = {"report": benchmark_network(base, settings, out / "baseline"), "ratios": None}
+    model = load_network(checkpoint, network, model_class, num_classes, network_attribute)
+    report = benchmark_network(model, settings, out / "model")
+    ratios = compare(stages["baseline"]["report"], report) if stages else None
+    stages["model"] = {"report": report, "ratios": ratios}
+    write_report(out, stages, settings_dict(settings))
+    print(markdown_table(stages))
+    print(f"\nwritten: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
+    return stages
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    CLI(benchmark, args=args)
+
+
+if __name__ == "__main__":
+    main()

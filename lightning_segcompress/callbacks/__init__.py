@@ -1,0 +1,5 @@
+"""One thin Lightning callback per technique; the algorithms live in the technique packages."""
+
+from lightning_segcompress.callbacks.device_benchmark import DeviceBenchmark
+
+__all__ = ["DeviceBenchmark"]

@@ -1,0 +1,136 @@
+"""DeviceBenchmark: measure the network on on-device runtimes before and after compression, in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, compare, markdown_table, write_report
+from lightning_segcompress.benchmark.report import flat_metrics
+from lightning_segcompress.benchmark.runner import settings_dict
+from lightning_segcompress.utils.inspection import find_network
+
+
+class DeviceBenchmark(Callback):
+    """Export the network to TorchScript mobile (lite interpreter) and ExecuTorch, check the outputs, and
+    measure latency (median, p90), file size, params, MACs and peak memory — at fit start (the baseline)
+    and at fit end (the compressed model), reporting speedup, size ratio, MACs ratio and efficiency
+    (speedup / MACs ratio) against the baseline measured in the same run.
+
+    Results go to ``benchmark.json`` and ``benchmark.md`` in ``output_dir``, to the trainer's loggers
+    (``benchmark/<stage>/<runtime>/<metric>``) and to stdout. An export or timing failure is recorded in the
+    report, never raised: it cannot crash or lose a training run. Only global rank 0 measures.
+
+    Args:
+        input_size: ``[N, C, H, W]`` of the benchmark input.
+        runtimes: any of ``"eager"``, ``"torchscript_lite"``, ``"executorch"`` (skipped, with the reason
+            recorded, where executorch is not installed).
+        threads: CPU threads for timing; ``None`` keeps torch's default.
+        warmup: untimed calls before timing.
+        runs: timed calls; the median and 90th percentile are reported.
+        output_dir: where exported models and reports go; default ``<trainer.log_dir or
+            default_root_dir>/benchmark``.
+        on_fit_start: measure the baseline when fit starts.
+        on_fit_end: measure the final model when fit ends and compare it with the baseline.
+        every_n_epochs: also measure after every N training epochs (0 = never).
+        network_attribute: attribute path of the network in the LightningModule (default: found
+            automatically, see ``find_network``).
+        tolerance: largest accepted absolute difference between a runtime's output and eager.
+        isolate: time exported models in a fresh subprocess per runtime (clean peak memory).
+
+    Example::
+
+        trainer = Trainer(callbacks=[DeviceBenchmark(input_size=[1, 3, 512, 512], threads=2)])
+
+    or in YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_segcompress.callbacks.DeviceBenchmark
+              init_args: {input_size: [1, 3, 512, 512], runtimes: [eager, torchscript_lite], threads: 2}
+    """
+
+    def __init__(
+        self,
+        input_size: list[int] | tuple[int, ...] = (1, 3, 512, 512),
+        runtimes: list[str] | tuple[str, ...] = ("eager", "torchscript_lite", "executorch"),
+        threads: int | None = None,
+        warmup: int = 3,
+        runs: int = 10,
+        output_dir: str | None = None,
+        on_fit_start: bool = True,
+        on_fit_end: bool = True,
+        every_n_epochs: int = 0,
+        network_attribute: str | None = None,
+        tolerance: float = 1e-3,
+        isolate: bool = True,
+    ) -> None:
+        if isinstance(runtimes, str):
+            runtimes = [runtimes]
+        self.settings = BenchmarkSettings(
+            input_shape=tuple(int(s) for s in input_size), runtimes=tuple(runtimes), threads=threads,
+            warmup=warmup, runs=runs, tolerance=tolerance, isolate=isolate,
+        )
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0 (0 = never), got {every_n_epochs}.")
+        self.output_dir = output_dir
+        self.measure_at_fit_start = on_fit_start
+        self.measure_at_fit_end = on_fit_end
+        self.every_n_epochs = every_n_epochs
+        self.network_attribute = network_attribute
+        self.stages: dict[str, dict] = {}
+
+    @property
+    def baseline(self) -> dict | None:
+        content = self.stages.get("baseline")
+        return content["report"] if content else None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.measure_at_fit_start and "baseline" not in self.stages:  # a resumed run keeps its baseline
+            self.measure(trainer, pl_module, "baseline")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.measure(trainer, pl_module, f"epoch_{trainer.current_epoch}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.measure_at_fit_end:
+            self.measure(trainer, pl_module, "final")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict | None:
+        """Benchmark the module's network now, as ``stage``; returns the report (None on other ranks)."""
+        if not trainer.is_global_zero:
+            return None
+        output_dir = self._output_dir(trainer)
+        try:
+            network = find_network(pl_module, self.network_attribute)
+            report = benchmark_network(network, self.settings, output_dir / stage)
+        except Exception as err:  # noqa: BLE001 - never lose a training run to a benchmark
+            report = {"error": {"type": type(err).__name__, "message": str(err)[:500]}, "runtimes": {}}
+            rank_zero_warn(f"DeviceBenchmark could not measure stage {stage!r}: {type(err).__name__}: {err}")
+        ratios = compare(self.baseline, report) if self.baseline is not None and stage != "baseline" else None
+        self.stages[stage] = {"report": report, "ratios": ratios}
+        for runtime, entry in report.get("runtimes", {}).items():
+            if entry.get("status") == "error":
+                rank_zero_warn(f"DeviceBenchmark {stage}/{runtime} failed: {entry['error']['type']}: "
+                               f"{entry['error']['message']}")
+        write_report(output_dir, self.stages, settings_dict(self.settings))
+        for logger in trainer.loggers:
+            logger.log_metrics(flat_metrics(stage, report, ratios), step=trainer.global_step)
+        rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n")
+        return report
+
+    def _output_dir(self, trainer: pl.Trainer) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "benchmark"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": self.stages}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stages = dict(state_dict.get("stages", {}))
