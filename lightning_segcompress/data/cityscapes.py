@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import SegmentationDataModule
+from .folder import SegmentationFolderDataset
 from .transforms import SegmentationTransform
 
 #: labelIds of the 19 evaluated classes, in trainId order.
@@ -54,7 +54,7 @@ def index_split(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-class CityscapesDataset(Dataset):
+class CityscapesDataset(SegmentationFolderDataset):
     """Cityscapes images with labelIds converted to trainIds.
 
     Args:
@@ -69,23 +69,10 @@ class CityscapesDataset(Dataset):
         ignore_index: int = 255,
         transform: SegmentationTransform | None = None,
     ) -> None:
-        self.pairs, self.ignore_index = pairs, ignore_index
-        self.transform = transform or SegmentationTransform(train=False, ignore_index=ignore_index)
+        super().__init__(pairs, len(CITYSCAPES_LABEL_IDS), ignore_index, transform)
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, label_path = self.pairs[index]
-        image = Image.open(image_path).convert("RGB")
-        label = Image.open(label_path)
-        if label.size != image.size:
-            raise ValueError(
-                f"label {label_path} is {label.size[0]}x{label.size[1]} (WxH) but image {image_path} is "
-                f"{image.size[0]}x{image.size[1]}; re-extract the matching gtFine file"
-            )
-        mask = label_ids_to_train_ids(np.asarray(label), self.ignore_index)
-        return self.transform(image, mask)
+    def decode_mask(self, mask_image: Image.Image, mask_path: Path) -> np.ndarray:
+        return label_ids_to_train_ids(np.asarray(mask_image), self.ignore_index)
 
 
 class CityscapesDataModule(SegmentationDataModule):

@@ -81,19 +81,23 @@ class SegmentationFolderDataset(Dataset):
         image_path, mask_path = self.pairs[index]
         image = Image.open(image_path).convert("RGB")
         mask_image = Image.open(mask_path)
-        if mask_image.mode not in LABEL_MODES:
-            raise ValueError(
-                f"mask {mask_path} has mode {mask_image.mode}; masks must be single-channel label maps "
-                "(mode L or P) whose pixel values are class ids, so convert colour masks to class ids"
-            )
         if mask_image.size != image.size:
             raise ValueError(
                 f"mask {mask_path} is {mask_image.size[0]}x{mask_image.size[1]} (WxH) but image {image_path} "
                 f"is {image.size[0]}x{image.size[1]}; masks must have the same size as their image"
             )
+        return self.transform(image, self.decode_mask(mask_image, mask_path))
+
+    def decode_mask(self, mask_image: Image.Image, mask_path: Path) -> np.ndarray:
+        """Class ids (int64) from a loaded label map; subclasses map other label encodings here."""
+        if mask_image.mode not in LABEL_MODES:
+            raise ValueError(
+                f"mask {mask_path} has mode {mask_image.mode}; masks must be single-channel label maps "
+                "(mode L or P) whose pixel values are class ids, so convert colour masks to class ids"
+            )
         mask = np.asarray(mask_image).astype(np.int64)
         check_labels(mask, self.num_classes, self.ignore_index, mask_path)
-        return self.transform(image, mask)
+        return mask
 
 
 class SegmentationFolderDataModule(SegmentationDataModule):
