@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table
+from lightning_segcompress.benchmark.report import add_stage
 from lightning_segcompress.models import build_network
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,7 +58,7 @@ def main() -> None:
         for i, (name, spec) in enumerate(MODELS.items()):
             torch.manual_seed(0)
             network = build_network(spec, num_classes=args.classes).eval()
-            stages[name] = {"report": benchmark_network(network, settings, Path(workdir) / str(i)), "ratios": None}
+            add_stage(stages, name, benchmark_network(network, settings, Path(workdir) / str(i)))
             print(f"done: {name}", flush=True)
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads"

@@ -8,8 +8,8 @@ from typing import Any
 
 from jsonargparse import CLI
 
-from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, compare, markdown_table, write_report
-from lightning_segcompress.benchmark.runner import settings_dict
+from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table, write_report
+from lightning_segcompress.benchmark.report import add_stage
 from lightning_segcompress.models.factory import build_network, resolve_class_path
 from lightning_segcompress.utils.inspection import find_network
 
@@ -66,12 +66,10 @@ def benchmark(
     stages: dict[str, dict] = {}
     if baseline_checkpoint is not None or baseline_network is not None:
         base = load_network(baseline_checkpoint, baseline_network, model_class, num_classes, network_attribute)
-        stages["baseline"] = {"report": benchmark_network(base, settings, out / "baseline"), "ratios": None}
+        add_stage(stages, "baseline", benchmark_network(base, settings, out / "baseline"))
     model = load_network(checkpoint, network, model_class, num_classes, network_attribute)
-    report = benchmark_network(model, settings, out / "model")
-    ratios = compare(stages["baseline"]["report"], report) if stages else None
-    stages["model"] = {"report": report, "ratios": ratios}
-    write_report(out, stages, settings_dict(settings))
+    add_stage(stages, "model", benchmark_network(model, settings, out / "model"))
+    write_report(out, stages, settings.as_dict())
     print(markdown_table(stages))
     print(f"\nwritten: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
     return stages

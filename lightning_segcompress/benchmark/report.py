@@ -30,6 +30,14 @@ def compare(baseline: dict, current: dict) -> dict:
     return ratios
 
 
+def add_stage(stages: dict[str, dict], name: str, report: dict) -> dict | None:
+    """Record ``report`` as stage ``name``, with ratios against the ``"baseline"`` stage if there is one."""
+    baseline = stages.get("baseline")
+    ratios = compare(baseline["report"], report) if baseline is not None and name != "baseline" else None
+    stages[name] = {"report": report, "ratios": ratios}
+    return ratios
+
+
 def _ratio(before, after):
     if before is None or after is None or after == 0:
         return None

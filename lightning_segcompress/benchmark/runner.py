@@ -56,6 +56,9 @@ class BenchmarkSettings:
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}.")
 
+    def as_dict(self) -> dict:
+        return asdict(self)
+
 
 class LogitsOnly(nn.Module):
     """Wraps a network so that it returns only its main logits tensor (exporters need one tensor)."""
@@ -157,10 +160,6 @@ def _time_in_subprocess(runtime: str, path: str, settings: BenchmarkSettings) ->
 def _error(err: BaseException) -> dict:
     text = str(err).strip()
     return {"type": type(err).__name__, "message": text.splitlines()[0][:500] if text else ""}
-
-
-def settings_dict(settings: BenchmarkSettings) -> dict:
-    return asdict(settings)
 
 
 _RUNNERS = {"eager": _run_eager, "torchscript_lite": _run_torchscript_lite, "executorch": _run_executorch}

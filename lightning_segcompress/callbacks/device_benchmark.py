@@ -9,9 +9,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, compare, markdown_table, write_report
-from lightning_segcompress.benchmark.report import flat_metrics
-from lightning_segcompress.benchmark.runner import settings_dict
+from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table, write_report
+from lightning_segcompress.benchmark.report import add_stage, flat_metrics
 from lightning_segcompress.utils.inspection import find_network
 
 
@@ -112,13 +111,12 @@ class DeviceBenchmark(Callback):
         except Exception as err:  # noqa: BLE001 - never lose a training run to a benchmark
             report = {"error": {"type": type(err).__name__, "message": str(err)[:500]}, "runtimes": {}}
             rank_zero_warn(f"DeviceBenchmark could not measure stage {stage!r}: {type(err).__name__}: {err}")
-        ratios = compare(self.baseline, report) if self.baseline is not None and stage != "baseline" else None
-        self.stages[stage] = {"report": report, "ratios": ratios}
+        ratios = add_stage(self.stages, stage, report)
         for runtime, entry in report.get("runtimes", {}).items():
             if entry.get("status") == "error":
                 rank_zero_warn(f"DeviceBenchmark {stage}/{runtime} failed: {entry['error']['type']}: "
                                f"{entry['error']['message']}")
-        write_report(output_dir, self.stages, settings_dict(self.settings))
+        write_report(output_dir, self.stages, self.settings.as_dict())
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(stage, report, ratios), step=trainer.global_step)
         rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n")
