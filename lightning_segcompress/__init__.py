@@ -1,5 +1,6 @@
 """Lightning callbacks that compress semantic-segmentation networks for embedded devices."""
 
+from lightning_segcompress.compression_state import load_compressed
 from lightning_segcompress.data import (
     CityscapesDataModule,
     SegmentationFolderDataModule,
@@ -15,4 +16,5 @@ __all__ = [
     "SegmentationModule",
     "SyntheticScenesDataModule",
     "build_network",
+    "load_compressed",
 ]

@@ -11,17 +11,29 @@ def python_blocks():
 
 
 @pytest.mark.slow
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    (example,) = python_blocks()
+def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
+    """The examples run in order in one namespace, as a reader would paste them."""
+    basics, pruning = python_blocks()
     monkeypatch.chdir(tmp_path)
-    exec(compile(example, str(README), "exec"), {"__name__": "readme_example"})
+    namespace = {"__name__": "readme_example"}
+    exec(compile(basics, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "ModelStats(params=" in out and "['segmentation_head.0']" in out
     assert list((tmp_path / "runs" / "readme").glob("*.ckpt")), "the example's checkpoint was written"
 
+    exec(compile(pruning, str(README), "exec"), namespace)
+    out = capsys.readouterr().out
+    records = namespace["pruning"].records
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["achieved_fraction"] == pytest.approx(0.5, rel=0.03)
+    restored_params = namespace["model_stats"](namespace["find_network"](namespace["restored"]), namespace["x"]).params
+    assert restored_params < namespace["model_stats"](namespace["net"], namespace["x"]).params
+    assert f"ModelStats(params={restored_params}" in out
+
 
 @pytest.mark.parametrize("index, expected", [(0, ["lraspp_mobilenet_v3_large", "CityscapesDataModule"]),
-                                             (1, ["DeviceBenchmark", "torchscript_lite"])])
+                                             (1, ["DeviceBenchmark", "torchscript_lite"]),
+                                             (2, ["StructuredPruning", "conv_stem"])])
 def test_readme_yaml_examples_parse_with_the_cli(index, expected, tmp_path, capsys):
     from lightning_segcompress.cli import main
 

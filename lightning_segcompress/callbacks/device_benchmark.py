@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table, write_report
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
+from lightning_segcompress.callbacks._plumbing import run_dir
 from lightning_segcompress.utils.inspection import find_network
 
 
@@ -104,7 +104,7 @@ class DeviceBenchmark(Callback):
         """Benchmark the module's network now, as ``stage``; returns the report (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
-        output_dir = self._output_dir(trainer)
+        output_dir = run_dir(trainer, "benchmark", self.output_dir)
         try:
             network = find_network(pl_module, self.network_attribute)
             report = benchmark_network(network, self.settings, output_dir / stage)
@@ -122,10 +122,6 @@ class DeviceBenchmark(Callback):
         rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n")
         return report
 
-    def _output_dir(self, trainer: pl.Trainer) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "benchmark"
 
     def state_dict(self) -> dict[str, Any]:
         return {"stages": self.stages}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from lightning_segcompress.compression_state import restore_from_checkpoint, write_to_checkpoint
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.utils.inspection import extract_logits
 
@@ -88,6 +89,13 @@ class SegmentationModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return extract_logits(self.net(images))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_to_checkpoint(checkpoint, self, "net")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a compressed checkpoint rebuilds the pruned/shunted architecture before its weights are loaded
+        restore_from_checkpoint(self, checkpoint)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -1,0 +1,108 @@
+"""Compression state as plain data: what was done to a network, stored in checkpoints and replayed on load.
+
+Every technique that changes a network's architecture records a *stage* (a dict of plain values, e.g. a
+pruning history) on the network itself. Checkpoints carry the stages under ``checkpoint["segcompress"]``;
+loading replays them on a freshly built network before its weights are loaded, so a compressed checkpoint
+restores with ``torch.load(weights_only=True)`` and never pickles a module. Pure torch: works on any
+``nn.Module`` and on LightningModules alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_segcompress.utils.inspection import find_network
+
+STAGES_ATTRIBUTE = "_segcompress_stages"
+CHECKPOINT_KEY = "segcompress"
+FORMAT_VERSION = 1
+# stage kind -> "module:function(network, stage, applied_stage_or_None)" that brings the network to ``stage``
+_APPLIERS = {"structured_pruning": "lightning_segcompress.pruning.state:apply_stage"}
+
+
+def get_stages(network: nn.Module) -> list[dict]:
+    """The stages applied to ``network`` so far (a copy)."""
+    return copy.deepcopy(getattr(network, STAGES_ATTRIBUTE, []))
+
+
+def set_stage(network: nn.Module, stage: dict) -> None:
+    """Record ``stage``: it replaces the last stage when that is of the same kind (a technique that works in
+    steps keeps one growing record), otherwise it is appended. The list is replaced, never mutated, so a
+    rollback of the network's attributes also rolls this back."""
+    stages = get_stages(network)
+    if stages and stages[-1]["kind"] == stage["kind"]:
+        stages[-1] = copy.deepcopy(stage)
+    else:
+        stages.append(copy.deepcopy(stage))
+    setattr(network, STAGES_ATTRIBUTE, stages)
+
+
+def apply_stages(network: nn.Module, stages: list[dict]) -> None:
+    """Bring ``network`` to the architecture described by ``stages``; stages it already has are skipped, so
+    this is safe to call twice (e.g. by a callback and by the module's own ``on_load_checkpoint``)."""
+    applied = getattr(network, STAGES_ATTRIBUTE, [])
+    for index, stage in enumerate(stages):
+        kind = stage.get("kind")
+        if kind not in _APPLIERS:
+            raise ValueError(f"The checkpoint has a compression stage of unknown kind {kind!r}; it was written by "
+                             f"a newer lightning-segcompress (known: {sorted(_APPLIERS)}).")
+        current = applied[index] if index < len(applied) else None
+        if current is not None and current["kind"] != kind:
+            raise ValueError(f"The network already went through {current['kind']!r} as stage {index}, but the "
+                             f"checkpoint expects {kind!r}: load it into a freshly built network.")
+        module_name, _, function = _APPLIERS[kind].partition(":")
+        getattr(importlib.import_module(module_name), function)(network, stage, current)
+
+
+def network_path(module: nn.Module, network: nn.Module) -> str:
+    """Attribute path of ``network`` inside ``module`` ("" when they are the same)."""
+    for name, candidate in module.named_modules():
+        if candidate is network:
+            return name
+    raise ValueError(f"{type(network).__name__} is not a submodule of {type(module).__name__}.")
+
+
+def write_to_checkpoint(checkpoint: dict, module: nn.Module, network_attribute: str | None = None) -> None:
+    """Store the compression stages of ``module``'s network in ``checkpoint`` (nothing if uncompressed)."""
+    network = find_network(module, network_attribute) if network_attribute != "" else module
+    stages = get_stages(network)
+    if stages:
+        checkpoint[CHECKPOINT_KEY] = {"version": FORMAT_VERSION, "network_attribute": network_path(module, network),
+                                      "stages": stages}
+
+
+def restore_from_checkpoint(module: nn.Module, checkpoint: dict) -> bool:
+    """Replay the checkpoint's compression stages on ``module``'s network; True if there were any."""
+    entry = checkpoint.get(CHECKPOINT_KEY)
+    if not entry:
+        return False
+    if entry.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"Compression state version {entry['version']} is newer than this lightning-segcompress "
+                         f"understands ({FORMAT_VERSION}); upgrade the package.")
+    path = entry.get("network_attribute", "")
+    network = module.get_submodule(path) if path else module
+    apply_stages(network, entry["stages"])
+    return True
+
+
+def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict: bool = True,
+                    map_location: Any = "cpu") -> nn.Module:
+    """Restore a compressed checkpoint into a freshly built ``model`` (a LightningModule or the bare network)
+    in a process that has none of the callbacks: the architecture is replayed, then the weights are loaded.
+
+    Example::
+
+        model = MyLitModule(...)                      # built exactly as for training
+        load_compressed(model, "runs/pruned.ckpt")    # now pruned, with the trained weights
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    restore_from_checkpoint(model, checkpoint)
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    model.load_state_dict(state_dict, strict=strict)
+    return model

@@ -1,0 +1,146 @@
+"""Plan one pruning step that removes a requested fraction of MACs, parameters or channels.
+
+torch-pruning's ``pruning_ratio`` is a fraction of channels; MACs and parameters do not follow it linearly
+(early high-resolution layers cost more MACs per channel). So the ratio is searched by bisection, each trial
+pruning a throw-away copy and measuring it. The plan that comes out is a plain-data history, applied to the
+real network afterwards by replay (on every DDP rank alike).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_segcompress.pruning.graph import (
+    METRICS,
+    History,
+    PruningError,
+    build_graph,
+    measure,
+    normalise_history,
+    unsupported_layers,
+)
+from lightning_segcompress.pruning.importance import CachedImportance, compute_group_scores
+from lightning_segcompress.utils.inspection import output_tensors
+
+
+@dataclass
+class PruningConfig:
+    """How to rank and cut channels (everything but the amount)."""
+
+    ignored_layers: Sequence[str] = ()  # module names whose output channels are never pruned
+    protected_layers: Sequence[str] = ()  # module names whose channels are never touched at all
+    round_to: int | None = 8
+    global_pruning: bool = True
+    max_layer_fraction: float = 0.9
+    tolerance: float = 0.03  # relative to the requested fraction
+    max_trials: int = 14
+
+
+@dataclass
+class StepPlan:
+    history: History
+    ratio: float  # torch-pruning channel ratio that produced the plan
+    metric: str
+    requested_fraction: float  # of the reference (unpruned) model
+    achieved_fraction: float
+    value: int  # the metric after the step
+    tolerance: float = 0.03
+
+    @property
+    def error(self) -> float:
+        """Relative distance of the achieved from the requested fraction."""
+        return abs(self.achieved_fraction - self.requested_fraction) / self.requested_fraction
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.error <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {"ratio": round(self.ratio, 6), "metric": self.metric, "requested_fraction": self.requested_fraction,
+                "achieved_fraction": self.achieved_fraction, self.metric: self.value}
+
+
+def check_supported(network: nn.Module, ignored: Sequence[str]) -> None:
+    bad = {name: cls for name, cls in unsupported_layers(network).items()
+           if not any(name == i or name.startswith(i + ".") for i in ignored)}
+    if bad:
+        listing = ", ".join(f"{n!r} ({c})" for n, c in bad.items())
+        raise PruningError(
+            f"torch-pruning has no pruner for layer(s) {listing}: they hold their own parameters, so their channels "
+            f"cannot be cut consistently. Add them to ignored_layers (e.g. ignored_layers: {list(bad)[:3]}) to keep "
+            "their channels, or register a torch-pruning customized pruner for the class."
+        )
+
+
+def plan_step(
+    network: nn.Module,
+    example: torch.Tensor,
+    importance: Callable,
+    metric: str,
+    target_fraction: float,
+    reference: int,
+    config: PruningConfig,
+    group_weights: dict[str, float] | None = None,
+) -> StepPlan:
+    """Find the channel ratio whose pruning leaves ``(1 - target_fraction) * reference`` of ``metric``.
+
+    ``network`` is not modified. Importance is scored once on ``network`` (gradients for Taylor must be in
+    ``.grad``) and reused for every trial, so all trials rank channels identically.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_supported(network, list(config.ignored_layers) + list(config.protected_layers))
+    modules = dict(network.named_modules())
+    graph = build_graph(network, example)
+    ignored = [modules[n] for n in config.ignored_layers]
+    scores = compute_group_scores(graph, importance, ignored, set(config.protected_layers), group_weights)
+    if not scores:
+        raise PruningError("no prunable channel group is left: every layer is ignored, protected or too narrow.")
+    current = measure(network, example, [metric])[metric]
+    goal = (1.0 - target_fraction) * reference
+    if current <= goal:  # already there (e.g. a resumed schedule); nothing to remove in this step
+        return _plan([], 0.0, metric, target_fraction, reference, current, config)
+
+    def trial(ratio: float) -> tuple[History, int]:
+        candidate = copy.deepcopy(network)
+        for p in candidate.parameters():  # see build_graph: frozen layers must be in the traced graph
+            p.requires_grad_(True)
+        names = dict(candidate.named_modules())
+        pruner = tp.pruner.MetaPruner(
+            candidate, example, importance=CachedImportance(scores, candidate),
+            global_pruning=config.global_pruning, pruning_ratio=ratio,
+            max_pruning_ratio=config.max_layer_fraction, ignored_layers=[names[n] for n in config.ignored_layers],
+            round_to=config.round_to, output_transform=output_tensors,
+            root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
+        )
+        pruner.step()
+        return normalise_history(pruner.pruning_history()), measure(candidate, example, [metric])[metric]
+
+    best: tuple[float, float, History, int] | None = None  # (error, ratio, history, value)
+    lo, hi = 0.0, config.max_layer_fraction
+    for _ in range(config.max_trials):
+        ratio = (lo + hi) / 2
+        history, value = trial(ratio)
+        achieved = 1.0 - value / reference
+        error = abs(achieved - target_fraction) / target_fraction
+        if best is None or error < best[0]:
+            best = (error, ratio, history, value)
+        if error <= config.tolerance / 2:
+            break
+        if value > goal:
+            lo = ratio
+        else:
+            hi = ratio
+    assert best is not None
+    return _plan(best[2], best[1], metric, target_fraction, reference, best[3], config)
+
+
+def _plan(history, ratio, metric, target, reference, value, config) -> StepPlan:
+    return StepPlan(history=history, ratio=ratio, metric=metric, requested_fraction=target,
+                    achieved_fraction=1.0 - value / reference, value=int(value), tolerance=config.tolerance)
