@@ -1,6 +1,7 @@
 """One thin Lightning callback per technique; the algorithms live in the technique packages."""
 
 from lightning_segcompress.callbacks.device_benchmark import DeviceBenchmark
+from lightning_segcompress.callbacks.knowledge_distillation import KnowledgeDistillation
 from lightning_segcompress.callbacks.structured_pruning import StructuredPruning
 
-__all__ = ["DeviceBenchmark", "StructuredPruning"]
+__all__ = ["DeviceBenchmark", "KnowledgeDistillation", "StructuredPruning"]

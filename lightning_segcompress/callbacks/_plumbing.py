@@ -3,10 +3,14 @@ DDP re-wrap, and carrying the compression state through checkpoints."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_segcompress.compression_state import restore_from_checkpoint
 
@@ -76,3 +80,85 @@ def install_checkpoint_restore(pl_module: pl.LightningModule) -> None:
 def remove_checkpoint_restore(pl_module: pl.LightningModule) -> None:
     if pl_module.__dict__.pop("_segcompress_restore_installed", False):
         pl_module.__dict__.pop("on_load_checkpoint", None)
+
+
+def install_extra_parameters(pl_module: pl.LightningModule, key: str, parameters: Callable[[], list]) -> None:
+    """Train parameters that a callback owns (e.g. distillation connectors) with the module's optimizer.
+
+    ``configure_optimizers`` is wrapped on this instance: the parameters returned by ``parameters()`` at that
+    moment are added as a param group of the first optimizer with the settings and LR schedule of its first
+    group, unless they are in it already. Works for every return form of ``configure_optimizers`` and again whenever the
+    optimizers are rebuilt after surgery.
+    """
+    registry = pl_module.__dict__.setdefault("_segcompress_extra_parameters", {})
+    registry[key] = parameters
+    if "configure_optimizers" in pl_module.__dict__:
+        return
+    original = pl_module.configure_optimizers
+
+    def configure_optimizers():
+        config = original()
+        optimizers = list({id(o): o for o in _optimizers_in(config)}.values())
+        if not optimizers:
+            raise ValueError(f"{type(pl_module).__name__}.configure_optimizers returned no optimizer, but callbacks "
+                             f"{sorted(registry)} have parameters to train.")
+        present = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+        extra = [p for get in registry.values() for p in get() if id(p) not in present]
+        if extra:
+            _add_group_like_first(optimizers[0], list({id(p): p for p in extra}.values()), _schedulers_in(config))
+        return config
+
+    pl_module.configure_optimizers = configure_optimizers
+
+
+def _add_group_like_first(optimizer: Optimizer, params: list, schedulers: list) -> None:
+    """Add ``params`` as a group that copies the first group's settings and follows its LR schedule."""
+    first = optimizer.param_groups[0]
+    groups_before = len(optimizer.param_groups)
+    optimizer.add_param_group({**{k: v for k, v in first.items() if k != "params"}, "params": params})
+    for scheduler in schedulers:
+        if scheduler.optimizer is not optimizer:
+            continue
+        # per-group lists (base_lrs, _last_lr, lr_lambdas, max_lrs, ...) get the first group's entry again,
+        # otherwise the scheduler's next step fails on the extra group
+        for value in vars(scheduler).values():
+            if isinstance(value, list) and len(value) == groups_before:
+                value.append(copy.copy(value[0]))
+
+
+def _schedulers_in(config) -> list:
+    if isinstance(config, LRScheduler) or hasattr(config, "optimizer") and hasattr(config, "step"):
+        return [config]
+    if isinstance(config, Mapping):
+        return _schedulers_in(config.get("lr_scheduler")) + _schedulers_in(config.get("scheduler"))
+    if isinstance(config, (list, tuple)):
+        return [s for item in config for s in _schedulers_in(item)]
+    return []
+
+
+def remove_extra_parameters(pl_module: pl.LightningModule, key: str) -> None:
+    registry = pl_module.__dict__.get("_segcompress_extra_parameters", {})
+    registry.pop(key, None)
+    if not registry:
+        pl_module.__dict__.pop("_segcompress_extra_parameters", None)
+        pl_module.__dict__.pop("configure_optimizers", None)
+
+
+def _optimizers_in(config) -> list[Optimizer]:
+    if isinstance(config, Optimizer):
+        return [config]
+    if isinstance(config, Mapping):
+        return _optimizers_in(config.get("optimizer"))
+    if isinstance(config, (list, tuple)):
+        return [o for item in config for o in _optimizers_in(item)]
+    return []
+
+
+def announce_compression(trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
+    """Tell the other callbacks that the network's architecture is about to change (``moment="before"``) or
+    just changed (``"after"``, before the optimizers are rebuilt): e.g. distillation snapshots its teacher
+    before the first pruning step and resizes its connectors after each."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, f"on_{moment}_compression", None)
+        if callable(hook):
+            hook(trainer, pl_module)

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_segcompress.callbacks._plumbing import (
+    announce_compression,
     install_checkpoint_restore,
     rebuild_optimizers,
     remove_checkpoint_restore,
@@ -235,6 +236,7 @@ class StructuredPruning(Callback):
         payload = self._decide(trainer, network, example, step, fraction) if trainer.is_global_zero else None
         payload = trainer.strategy.broadcast(payload, src=0)  # every rank applies rank 0's decision
         if "error" not in payload:
+            announce_compression(trainer, pl_module, "before")
             try:
                 with atomic(network):
                     error = None
@@ -245,6 +247,7 @@ class StructuredPruning(Callback):
                     # all ranks must agree before any of them rebuilds DDP, or the others would hang
                     if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
                         raise error or PruningError("the pruning step failed on another rank")
+                    announce_compression(trainer, pl_module, "after")
                     rebuild_optimizers(trainer)
                     rewrap_ddp(trainer)
             except Exception as err:  # noqa: BLE001 - reported below, the network is already restored

@@ -1,0 +1,324 @@
+"""KnowledgeDistillation: add a segmentation distillation loss to any LightningModule's training loss."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from lightning_segcompress.callbacks._plumbing import install_extra_parameters, remove_extra_parameters
+from lightning_segcompress.compression_state import apply_stages, get_stages
+from lightning_segcompress.distillation import (
+    DistillationError,
+    Distiller,
+    freeze,
+    make_connector,
+    normalise_hint,
+    normalise_losses,
+    snapshot,
+)
+from lightning_segcompress.models.factory import build_network
+from lightning_segcompress.models.segmentation_module import SegmentationModule, split_batch
+from lightning_segcompress.utils.inspection import (
+    example_input,
+    extract_logits,
+    find_classifier_layers,
+    find_network,
+)
+
+SNAPSHOT_MOMENTS = ("fit_start", "before_compression")
+
+
+class KnowledgeDistillation(Callback):
+    """Distil a frozen teacher into the network of any LightningModule during ``fit``.
+
+    The module's ``training_step`` is left as it is: its returned loss (a tensor or a dict with ``"loss"``) becomes
+    ``alpha * loss + sum(weight * distillation loss)``. The student's logits and hinted features are read with
+    forward hooks, the teacher runs on the same images without gradients, in eval mode, on the student's device.
+    With manual optimization, add :meth:`distillation_loss` to your loss yourself.
+
+    Args:
+        teacher: ``"snapshot"`` (a frozen copy of the student taken at ``snapshot_at``), a network spec
+            ``{"class_path": ..., "init_args": {...}}`` (weights from ``teacher_checkpoint``), the path of a
+            ``SegmentationModule`` checkpoint (compressed ones too), or (from Python) an ``nn.Module`` /
+            ``LightningModule``.
+        teacher_checkpoint: weights for a spec teacher: a Lightning checkpoint or a bare state dict (compressed
+            checkpoints are restored first).
+        snapshot_at: ``"fit_start"`` or ``"before_compression"`` (right before the first pruning / shunt step, so
+            "KD after pruning" needs no second model file; no distillation before that).
+        losses: ``{name: weight}`` or ``{name: {weight, options}}`` for ``pixel_kl`` (temperature), ``cwd``
+            (temperature), ``pairwise`` (pool_scale, student_layer, teacher_layer; default: the classifier's
+            input), ``ace`` (kappa). Defaults follow the publications (see ``distillation.losses.DEFAULTS``).
+        hints: ``[{student: layer, teacher: layer, weight: 1.0}]`` feature hints (MSE); a learnable 1x1 conv + BN
+            connector maps channels where they differ. Connectors train with the first optimizer, are saved in
+            this callback's checkpoint state, and are never part of the student network (nor its export).
+            A layer is a module name (or a regex naming one module); ``"name:input"`` takes its input.
+        alpha: factor on the module's own loss.
+        ignore_index: label ignored by ``ace`` and masked out of ``pixel_kl``.
+        teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
+        input_size: ``[H, W]`` of the example used to check student and teacher at fit start.
+        network_attribute: the student network's attribute path in the LightningModule (default: found).
+
+    Example::
+
+        trainer = Trainer(callbacks=[KnowledgeDistillation(
+            teacher={"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
+                     "init_args": {"encoder_name": "tu-mobilenetv3_large_100"}},
+            teacher_checkpoint="runs/teacher/best.ckpt", losses={"pixel_kl": 1.0, "cwd": 3.0})])
+    """
+
+    def __init__(
+        self,
+        teacher: str | dict[str, Any] | nn.Module = "snapshot",
+        teacher_checkpoint: str | None = None,
+        snapshot_at: str = "fit_start",
+        losses: dict[str, Any] | None = None,
+        hints: list[dict[str, Any]] | None = None,
+        alpha: float = 1.0,
+        ignore_index: int = 255,
+        teacher_autocast: bool = False,
+        input_size: list[int] | None = None,
+        network_attribute: str | None = None,
+    ) -> None:
+        if snapshot_at not in SNAPSHOT_MOMENTS:
+            raise ValueError(f"snapshot_at must be one of {list(SNAPSHOT_MOMENTS)}, got {snapshot_at!r}.")
+        if isinstance(teacher, str) and teacher != "snapshot" and not Path(teacher).is_file():
+            raise ValueError(f"teacher {teacher!r} is neither 'snapshot' nor an existing checkpoint file.")
+        if isinstance(teacher, Mapping) and "class_path" not in teacher:
+            raise ValueError(f"a teacher spec needs a class_path, got {dict(teacher)!r}.")
+        if not isinstance(teacher, (str, Mapping, nn.Module)):
+            raise ValueError(f"teacher must be 'snapshot', a checkpoint path, a network spec or a module, got "
+                             f"{type(teacher).__name__}.")
+        if teacher_checkpoint is not None and not Path(teacher_checkpoint).is_file():
+            raise ValueError(f"teacher_checkpoint {teacher_checkpoint!r} does not exist.")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}.")
+        if input_size is not None and len(input_size) != 2:
+            raise ValueError(f"input_size is [H, W], got {input_size}.")
+        if losses is None and not hints:
+            losses = {"pixel_kl": {}}
+        self.losses = normalise_losses(losses) if losses else {}
+        if not self.losses and not hints:
+            raise ValueError("nothing to distil: give losses (e.g. {pixel_kl: 1.0}) and/or hints.")
+        self.teacher = teacher
+        self.teacher_checkpoint = teacher_checkpoint
+        self.snapshot_at = snapshot_at
+        self.hints = [normalise_hint(h) for h in hints or []]
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.teacher_autocast = teacher_autocast
+        self.input_size = list(input_size or [64, 64])
+        self.network_attribute = network_attribute
+        self.distiller: Distiller | None = None
+        self.active = False  # False until a snapshot teacher exists
+        self._template: nn.Module | None = None  # the student before any compression, for snapshot restores
+        self._pending: dict | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(teacher=self.teacher if isinstance(self.teacher, str) else "module",
+                                        losses=sorted(self.losses))
+
+    # ---- set-up and tear-down ------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        student = find_network(pl_module, self.network_attribute)
+        example = example_input(student, size=tuple(self.input_size))
+        if self.teacher == "snapshot":
+            self._template = snapshot(student)
+            teacher, self.active = self._template, False
+        else:
+            teacher, self.active = self._build_teacher(student, example), True
+        teacher.to(example.device)
+        self.distiller = Distiller(student, teacher, self.losses, self.hints, self.ignore_index,
+                                   self.teacher_autocast, _classifier_inputs(student, teacher, example))
+        self.distiller.attach()
+        self.distiller.check(example)  # class counts, layers and connectors: errors now, not mid-epoch
+        install_extra_parameters(pl_module, self.state_key, self._connector_parameters)
+        if pl_module.automatic_optimization:
+            self._wrap_training_step(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.distiller is None:
+            return
+        self.distiller.detach()
+        remove_extra_parameters(pl_module, self.state_key)
+        pl_module.__dict__.pop("training_step", None)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        student = find_network(pl_module, self.network_attribute)
+        if self._pending is not None:  # a snapshot teacher from the checkpoint being resumed
+            teacher = copy.deepcopy(self._template)
+            apply_stages(teacher, self._pending["stages"])
+            teacher.load_state_dict(self._pending["state_dict"])
+            self._set_teacher(teacher)
+            self._pending = None
+        elif self.teacher == "snapshot" and self.snapshot_at == "fit_start" and not self.active:
+            self._set_teacher(snapshot(student))
+        device = next(student.parameters()).device
+        self.distiller.teacher.to(device)
+        self.distiller.connectors.to(device)
+
+    def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.teacher == "snapshot" and self.snapshot_at == "before_compression" and not self.active:
+            self._set_teacher(snapshot(find_network(pl_module, self.network_attribute)))
+
+    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The student's channels changed: connectors of hinted layers that were pruned are rebuilt."""
+        if self.hints:
+            student = find_network(pl_module, self.network_attribute)
+            self.distiller.check(example_input(student, size=tuple(self.input_size)))
+
+    def _set_teacher(self, teacher: nn.Module) -> None:
+        device = next(self.distiller.student.parameters()).device
+        self.distiller.set_teacher(freeze(teacher).to(device))
+        self.active = True
+
+    def _build_teacher(self, student: nn.Module, example: torch.Tensor) -> nn.Module:
+        teacher = self.teacher
+        if isinstance(teacher, nn.Module):
+            return freeze(find_network(teacher) if isinstance(teacher, pl.LightningModule) else teacher)
+        if isinstance(teacher, str):
+            checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
+            if "network" not in checkpoint.get("hyper_parameters", {}):
+                raise DistillationError(
+                    f"{teacher} is not a SegmentationModule checkpoint (no network spec in its hyper_parameters). "
+                    "Give the teacher as a spec instead: teacher: {class_path: ..., init_args: {...}} with "
+                    f"teacher_checkpoint: {teacher}.")
+            return freeze(SegmentationModule.load_from_checkpoint(teacher, map_location="cpu",
+                                                                  weights_only=True).net)
+        with torch.no_grad():
+            was_training = student.training
+            classes = extract_logits(student.eval()(example)).shape[1]
+            student.train(was_training)
+        sets_classes = {"classes", "num_classes"} & set(teacher.get("init_args") or {})
+        network = build_network(teacher, num_classes=None if sets_classes else classes)
+        if self.teacher_checkpoint:
+            _load_weights(network, self.teacher_checkpoint)
+        return freeze(network)
+
+    # ---- the loss --------------------------------------------------------------------------------------------
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+
+        def training_step(*args, **kwargs):
+            output = original(*args, **kwargs)
+            if not self.active or output is None:
+                self.distiller.student_capture.clear()  # drop the graph the hooks kept
+                return output
+            batch = args[0] if args else kwargs.get("batch")
+            distillation = self.distillation_loss(pl_module, batch)
+            if isinstance(output, torch.Tensor):
+                return self.alpha * output + distillation
+            if isinstance(output, Mapping) and "loss" in output:
+                return {**output, "loss": self.alpha * output["loss"] + distillation}
+            raise TypeError(f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; "
+                            "KnowledgeDistillation needs a loss tensor or a dict with 'loss'.")
+
+        pl_module.training_step = training_step
+
+    def distillation_loss(self, pl_module: pl.LightningModule, batch: Any = None) -> torch.Tensor:
+        """The weighted distillation loss for the student's latest forward (logged per term as ``kd/<name>``).
+        Call it after the forward in a manual-optimization ``training_step`` and add it to your loss."""
+        if not self.active:
+            return torch.zeros((), device=pl_module.device)
+        target = _labels(batch)
+        total, terms = self.distiller.compute(target)
+        for name, value in terms.items():
+            pl_module.log(f"kd/{name}", value.detach(), on_step=True, on_epoch=True)
+        pl_module.log("kd/total", total.detach(), on_step=True, on_epoch=True)
+        return total
+
+    def _connector_parameters(self) -> list[nn.Parameter]:
+        return list(self.distiller.connectors.parameters()) if self.distiller is not None else []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        # connectors live outside the DDP-wrapped module: average their gradients across ranks by hand
+        params = self._connector_parameters()
+        if not params or trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= trainer.world_size
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"active": self.active}
+        if self.distiller is not None:
+            state["connectors"] = {key: {"channels": _channels(m), "state_dict": m.state_dict()}
+                                   for key, m in self.distiller.connectors.items()}
+            if self.teacher == "snapshot" and self.active:  # the teacher a resumed fit must distil from
+                state["snapshot"] = {"stages": get_stages(self.distiller.teacher),
+                                     "state_dict": self.distiller.teacher.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.distiller is not None:
+            for key, entry in state_dict.get("connectors", {}).items():
+                channels = entry["channels"]
+                connector = make_connector(*channels) if channels else nn.Identity()
+                connector.load_state_dict(entry["state_dict"])
+                self.distiller.connectors[key] = connector
+        if "snapshot" in state_dict:
+            self._pending = state_dict["snapshot"]
+
+
+def _channels(connector: nn.Module) -> list[int] | None:
+    conv = next((m for m in connector.modules() if isinstance(m, nn.Conv2d)), None)
+    return [conv.in_channels, conv.out_channels] if conv is not None else None
+
+
+def _labels(batch: Any) -> torch.Tensor | None:
+    if batch is None:
+        return None
+    try:
+        labels = split_batch(batch)[1]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return labels if isinstance(labels, torch.Tensor) and labels.dim() == 3 else None
+
+
+def _classifier_inputs(student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:
+    """Default pair-wise layers: the input of each network's (first) classifier layer."""
+    try:
+        s = find_classifier_layers(student, example)[0]
+        t = find_classifier_layers(teacher, example)[0]
+    except (IndexError, RuntimeError):
+        return None
+    return f"{s}:input", f"{t}:input"
+
+
+def _load_weights(network: nn.Module, path: str) -> None:
+    """Load a Lightning checkpoint or a bare state dict into ``network``, whatever prefix the keys carry
+    (``net.``, ``model.``), replaying its compression stages first."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    entry = checkpoint.get("segcompress") if isinstance(checkpoint, Mapping) else None
+    if entry:
+        apply_stages(network, entry["stages"])
+    state = checkpoint.get("state_dict", checkpoint)
+    wanted = set(network.state_dict())
+    prefixes = [""] + sorted({k.split(".")[0] + "." for k in state if "." in k})
+    for prefix in prefixes:
+        candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(candidate) == wanted:
+            network.load_state_dict(candidate)
+            return
+    raise DistillationError(f"teacher_checkpoint {path} holds no weights for {type(network).__name__}: its keys "
+                            f"(e.g. {list(state)[:3]}) do not match the network's (e.g. {list(wanted)[:3]}). Check the "
+                            "teacher's class_path and init_args.")

@@ -1,0 +1,228 @@
+"""Distillation of a student network from a frozen teacher, independent of how the student is trained.
+
+The student's forward is observed with hooks (its input image, logits and hinted layers); the teacher is run
+on the same image without gradients; the configured losses compare the two. Pure torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_segcompress.distillation.capture import DistillationError, ForwardCapture
+from lightning_segcompress.distillation.losses import DEFAULTS, LOSSES, feature_hint, make_connector
+from lightning_segcompress.utils.inspection import extract_logits
+
+LOGIT_LOSSES = ("pixel_kl", "cwd", "ace")
+LOSS_NAMES = tuple(LOSSES) + ("hints",)
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def normalise_losses(losses: Mapping[str, Any]) -> dict[str, dict]:
+    """``{"pixel_kl": 10}`` or ``{"cwd": {"weight": 3, "temperature": 4}}`` -> full option dicts with the
+    publications' defaults filled in."""
+    if not losses:
+        raise DistillationError(f"losses is empty: name at least one of {list(LOSSES)}, e.g. {{'pixel_kl': {{}}}}.")
+    result = {}
+    for name, options in losses.items():
+        if name not in LOSSES:
+            raise DistillationError(f"unknown distillation loss {name!r}: use {list(LOSSES)} (feature hints go "
+                                    "in `hints`).")
+        options = {"weight": float(options)} if isinstance(options, (int, float)) else dict(options or {})
+        merged = {**DEFAULTS[name], **options}
+        allowed = set(DEFAULTS[name]) | ({"student_layer", "teacher_layer"} if name == "pairwise" else set())
+        unknown = set(merged) - allowed
+        if unknown:
+            raise DistillationError(f"{name} has no option(s) {sorted(unknown)}; it takes {sorted(allowed)}.")
+        if merged["weight"] < 0:
+            raise DistillationError(f"{name} weight must be >= 0, got {merged['weight']}.")
+        result[name] = merged
+    return result
+
+
+def normalise_hint(hint: Mapping[str, Any]) -> dict:
+    if not isinstance(hint, Mapping) or not {"student", "teacher"} <= set(hint):
+        raise DistillationError(f"a hint is {{student: layer, teacher: layer, weight: 1.0}}, got {hint!r}.")
+    unknown = set(hint) - {"student", "teacher", "weight"}
+    if unknown:
+        raise DistillationError(f"hint {hint!r} has unknown key(s) {sorted(unknown)}.")
+    return {"student": str(hint["student"]), "teacher": str(hint["teacher"]), "weight": float(hint.get("weight", 1.0))}
+
+
+class Distiller:
+    """Computes ``sum(weight * loss)`` between the latest student forward and the teacher on the same input.
+
+    Args:
+        student, teacher: the networks (logits as a tensor, a dict with ``"out"`` or a tuple).
+        losses: ``{name: weight or options}`` with names from ``LOSSES`` (``pixel_kl``, ``cwd``, ``pairwise``,
+            ``ace``); ``pairwise`` compares ``student_layer`` / ``teacher_layer`` (default: the input of the
+            classifier, given as ``default_feature_layers``).
+        hints: ``[{"student": layer, "teacher": layer, "weight": w}]``; a learnable 1x1 connector maps the
+            student's channels to the teacher's where they differ.
+        ignore_index: label ignored by ``ace`` and masked out of ``pixel_kl``.
+        teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, losses: Mapping[str, Any],
+                 hints: Sequence[Mapping[str, Any]] = (), ignore_index: int = 255, teacher_autocast: bool = False,
+                 default_feature_layers: tuple[str, str] | None = None):
+        self.losses = normalise_losses(losses) if losses or not hints else {}
+        self.hints = [normalise_hint(h) for h in hints]
+        self.ignore_index = ignore_index
+        self.teacher_autocast = teacher_autocast
+        self.student, self.teacher = student, freeze(teacher)
+        student_layers = {f"hint{i}": h["student"] for i, h in enumerate(self.hints)}
+        teacher_layers = {f"hint{i}": h["teacher"] for i, h in enumerate(self.hints)}
+        if "pairwise" in self.losses:
+            options = self.losses["pairwise"]
+            default = default_feature_layers or (None, None)
+            student_layers["pairwise"] = options.get("student_layer") or default[0]
+            teacher_layers["pairwise"] = options.get("teacher_layer") or default[1]
+            if not student_layers["pairwise"] or not teacher_layers["pairwise"]:
+                raise DistillationError("pairwise needs student_layer and teacher_layer (feature maps to compare).")
+        self._teacher_layers = teacher_layers
+        self.student_capture = ForwardCapture(student, student_layers, "student")
+        self.teacher_capture = ForwardCapture(self.teacher, teacher_layers, "teacher")
+        self.connectors = nn.ModuleDict()
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        self.student_capture.attach()
+        self.teacher_capture.attach()
+
+    def detach(self) -> None:
+        self.student_capture.detach()
+        self.teacher_capture.detach()
+        self.student_capture.clear()
+        self.teacher_capture.clear()
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Distil from ``teacher`` from now on (e.g. a snapshot taken right before pruning)."""
+        attached = bool(self.teacher_capture._handles)
+        self.teacher_capture.detach()
+        self.teacher = freeze(teacher)
+        self.teacher_capture = ForwardCapture(self.teacher, self._teacher_layers, "teacher")
+        if attached:
+            self.teacher_capture.attach()
+
+    def check(self, example: torch.Tensor) -> None:
+        """Run both networks on ``example``: class counts must agree for the logit losses, every hinted layer
+        must produce a ``B x C x H x W`` map; builds (or rebuilds, after the student was pruned) connectors."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                self.student(example)
+                self._run_teacher(example)
+        finally:
+            self.student.train(was_training)
+        student_out = extract_logits(self.student_capture.output)
+        teacher_out = extract_logits(self.teacher_capture.output)
+        if set(self.losses) & set(LOGIT_LOSSES) and student_out.shape[1] != teacher_out.shape[1]:
+            raise DistillationError(
+                f"the student predicts {student_out.shape[1]} classes and the teacher {teacher_out.shape[1]}: "
+                f"{sorted(set(self.losses) & set(LOGIT_LOSSES))} compare class scores, so both must have the same "
+                "classes (check the teacher's num_classes), or use only hints / pairwise.")
+        for key in [k for k in self.student_capture.layers]:
+            s, t = self.student_capture.features.get(key), self.teacher_capture.features.get(key)
+            names = (self.student_capture.layers[key][0], self.teacher_capture.layers[key][0])
+            if s is None or t is None:
+                raise DistillationError(f"layer {names[0] if s is None else names[1]!r} did not run in the forward "
+                                        "pass, so it has no features to distil; pick a layer that runs.")
+            if s.dim() != 4 or t.dim() != 4:
+                raise DistillationError(f"features of student layer {names[0]!r} {tuple(s.shape)} and teacher layer "
+                                        f"{names[1]!r} {tuple(t.shape)} must both be B x C x H x W maps.")
+            if key.startswith("hint"):
+                self._fit_connector(key, s.shape[1], t.shape[1], example.device)
+        self.student_capture.clear()
+        self.teacher_capture.clear()
+
+    def _fit_connector(self, key: str, student_channels: int, teacher_channels: int, device) -> None:
+        wanted = None if student_channels == teacher_channels else (student_channels, teacher_channels)
+        if key in self.connectors and _connector_channels(self.connectors[key]) == wanted:
+            return  # unchanged; a student pruned at this layer gets a new connector (old one cannot be sliced)
+        self.connectors[key] = make_connector(student_channels, teacher_channels).to(device)
+
+    # ---- per step -------------------------------------------------------------------------------------------
+
+    def _run_teacher(self, images: torch.Tensor):
+        autocast = contextlib.nullcontext()
+        if self.teacher_autocast:
+            dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
+            autocast = torch.autocast(images.device.type, dtype=dtype)
+        with torch.no_grad(), autocast:
+            return self.teacher(images)
+
+    def compute(self, target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, {loss name: unweighted value})`` for the student's latest forward."""
+        capture = self.student_capture
+        if capture.output is None or capture.inputs is None:
+            raise RuntimeError("the student network did not run since the last distillation step: call the "
+                               "network (inside training_step) before asking for the distillation loss.")
+        self._run_teacher(capture.inputs)
+        student = extract_logits(capture.output)
+        teacher = extract_logits(self.teacher_capture.output).detach().float()
+        terms: dict[str, torch.Tensor] = {}
+        for name, options in self.losses.items():
+            kwargs = {k: v for k, v in options.items() if k not in ("weight", "student_layer", "teacher_layer")}
+            if name == "pixel_kl":
+                valid = None
+                if target is not None and target.shape[-2:] == student.shape[-2:]:
+                    valid = target != self.ignore_index
+                terms[name] = LOSSES[name](student, teacher, valid=valid, **kwargs)
+            elif name == "ace":
+                if target is None:
+                    raise DistillationError("ace needs the labels: the batch must be (images, masks) or a dict with "
+                                            "'mask'.")
+                terms[name] = LOSSES[name](student, teacher, target, ignore_index=self.ignore_index, **kwargs)
+            elif name == "pairwise":
+                terms[name] = LOSSES[name](capture.features["pairwise"],
+                                           self.teacher_capture.features["pairwise"].detach().float(), **kwargs)
+            else:
+                terms[name] = LOSSES[name](student, teacher, **kwargs)
+        hint_total = None
+        for i, hint in enumerate(self.hints):
+            key = f"hint{i}"
+            value = feature_hint(self.connectors[key](capture.features[key]),
+                                 self.teacher_capture.features[key].detach().float())
+            terms[key] = value
+            hint_total = value * hint["weight"] if hint_total is None else hint_total + value * hint["weight"]
+        total = sum(self.losses[name]["weight"] * terms[name] for name in self.losses)
+        if hint_total is not None:
+            total = total + hint_total
+        capture.clear()
+        self.teacher_capture.clear()
+        return total, terms
+
+
+def _connector_channels(connector: nn.Module) -> tuple[int, int] | None:
+    conv = next((m for m in connector.modules() if isinstance(m, nn.Conv2d)), None)
+    return (conv.in_channels, conv.out_channels) if conv is not None else None
+
+
+def snapshot(network: nn.Module) -> nn.Module:
+    """A frozen copy of ``network`` (its compression state included), without the hooks attached to it."""
+    hooks = {}
+    for module in network.modules():
+        hooks[module] = (module._forward_hooks, module._forward_pre_hooks)
+    try:
+        for module in network.modules():
+            module._forward_hooks, module._forward_pre_hooks = type(module._forward_hooks)(), \
+                type(module._forward_pre_hooks)()
+        copied = copy.deepcopy(network)
+    finally:
+        for module, (post, pre) in hooks.items():
+            module._forward_hooks, module._forward_pre_hooks = post, pre
+    return freeze(copied)
