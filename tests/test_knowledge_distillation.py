@@ -260,3 +260,27 @@ def test_errors_at_fit_start_name_the_cause(tmp_path, kwargs, message):
     with pytest.raises(DistillationError, match=message):
         trainer.fit(model, _data())
     assert trainer.global_step == 0
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_ranks_distil_identically(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "scripts" / "ddp_distillation.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world_size"] == 2 and rank0["kd_logged"] and rank1["kd_logged"]
+    assert rank0["student_widths"] == rank1["student_widths"]
+    assert rank0["connector_shape"] == rank1["connector_shape"] and rank0["connector_shape"][0] == 64
+    for key in ("student", "teacher", "connector"):
+        assert rank0[key] == pytest.approx(rank1[key], rel=1e-9), key

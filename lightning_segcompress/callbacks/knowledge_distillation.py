@@ -167,6 +167,7 @@ class KnowledgeDistillation(Callback):
         device = next(student.parameters()).device
         self.distiller.teacher.to(device)
         self.distiller.connectors.to(device)
+        self._sync_connectors()
 
     def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.teacher == "snapshot" and self.snapshot_at == "before_compression" and not self.active:
@@ -177,6 +178,15 @@ class KnowledgeDistillation(Callback):
         if self.hints:
             student = find_network(pl_module, self.network_attribute)
             self.distiller.check(example_input(student, size=tuple(self.input_size)))
+            self._sync_connectors()
+
+    def _sync_connectors(self) -> None:
+        """Every DDP rank starts its connectors from rank 0's initial weights."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for tensor in list(self.distiller.connectors.parameters()) + list(self.distiller.connectors.buffers()):
+            with torch.no_grad():
+                dist.broadcast(tensor.data, src=0)
 
     def _set_teacher(self, teacher: nn.Module) -> None:
         device = next(self.distiller.student.parameters()).device
