@@ -6,7 +6,7 @@ Trains a teacher (smp DeepLabV3Plus on tu-mobilenetv3_large_100) once, then the 
 tu-mobilenetv3_small_100) for the same epochs without KD and with each of pixel KL, CWD and ACE (the
 KnowledgeDistillation callback, teacher loaded from the teacher's checkpoint), per seed. Reports mean and
 spread (min..max) of the final val mIoU. Prints a Markdown table and writes
-benchmarks/results/distillation_accuracy.{md,json}.
+benchmarks/results/<--name>.{md,json}.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--student_epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="distillation_accuracy", help="result file name in benchmarks/results")
     return parser.parse_args()
 
 
@@ -106,8 +107,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distillation_accuracy.md").write_text(text + "\n")
-    (RESULTS / "distillation_accuracy.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.md").write_text(text + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"args": vars(args), "teacher_miou": teacher_miou, "rows": rows}, indent=1))
 
 

@@ -114,13 +114,15 @@ def _pruned_segmentation_checkpoint(path):
 
 def test_teacher_from_a_compressed_segmentation_checkpoint(tmp_path):
     source = _pruned_segmentation_checkpoint(tmp_path / "teacher.ckpt")
-    kd = KnowledgeDistillation(teacher=str(tmp_path / "teacher.ckpt"), losses={"ace": {"kappa": 0.3}})
+    kd = KnowledgeDistillation(teacher=str(tmp_path / "teacher.ckpt"), losses={"ace": {"kappa": 0.3}, "pairwise": 1.0})
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[kd]))
     trainer.fit(SegmentationModule(SMP_DEEPLAB, num_classes=4), _data())
     teacher = kd.distiller.teacher
     assert pruning_history(teacher) == pruning_history(source.net) != []
     assert layer_widths(teacher) == layer_widths(source.net)
-    assert "kd/ace_step" in trainer.callback_metrics
+    assert {"kd/ace_step", "kd/pairwise_step"} <= set(trainer.callback_metrics)
+    # pair-wise compares the classifiers' inputs by default (different channel counts are fine)
+    assert kd.distiller.student_capture.layers["pairwise"] == ("segmentation_head.0", True)
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["nn.Module", "LightningModule"])
@@ -284,3 +286,36 @@ def test_ddp_ranks_distil_identically(tmp_path):
     assert rank0["connector_shape"] == rank1["connector_shape"] and rank0["connector_shape"][0] == 64
     for key in ("student", "teacher", "connector"):
         assert rank0[key] == pytest.approx(rank1[key], rel=1e-9), key
+
+
+def test_resumed_fit_distils_from_the_checkpointed_snapshot_teacher(tmp_path):
+    """After KD-after-pruning, a resumed fit rebuilds the unpruned snapshot teacher from the checkpoint."""
+    kd = KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression", losses={"pixel_kl": 1.0})
+    pruning = StructuredPruning(amount=0.4, target="macs", schedule="one_shot", start_epoch=1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    model = SegmentationModule(SMP_DEEPLAB, num_classes=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[pruning, kd, checkpoints],
+                                          enable_checkpointing=True))
+    trainer.fit(model, _data())
+    teacher_state = {k: v.clone() for k, v in kd.distiller.teacher.state_dict().items()}
+
+    resumed = KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression", losses={"pixel_kl": 1.0})
+    probe = LossProbe()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "r", max_epochs=3, callbacks=[
+        StructuredPruning(amount=0.4, target="macs", schedule="one_shot", start_epoch=1), resumed, probe]))
+    student = SegmentationModule(SMP_DEEPLAB, num_classes=4)
+    trainer.fit(student, _data(), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert resumed.active and all(v is not None for v in probe.kd)  # distils from the first resumed step
+    assert layer_widths(resumed.distiller.teacher) != layer_widths(student.net)  # unpruned teacher, pruned student
+    assert all(torch.equal(resumed.distiller.teacher.state_dict()[k], v) for k, v in teacher_state.items())
+
+
+def test_teacher_autocast_runs_the_teacher_in_bfloat16_on_cpu(tmp_path):
+    seen = {}
+    teacher = build_network(SMP_UNET, num_classes=4)
+    teacher.segmentation_head.register_forward_hook(lambda m, a, out: seen.update(dtype=out.dtype))
+    kd = KnowledgeDistillation(teacher=teacher, losses={"pixel_kl": 1.0}, teacher_autocast=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[kd], limit_train_batches=1, limit_val_batches=0))
+    seen.clear()
+    trainer.fit(UserModule(), _data())
+    assert seen["dtype"] == torch.bfloat16 and "kd/pixel_kl_step" in trainer.callback_metrics

@@ -139,8 +139,9 @@ class KnowledgeDistillation(Callback):
         else:
             teacher, self.active = self._build_teacher(student, example), True
         teacher.to(example.device)
+        pairwise_default = _classifier_inputs(student, teacher, example) if "pairwise" in self.losses else None
         self.distiller = Distiller(student, teacher, self.losses, self.hints, self.ignore_index,
-                                   self.teacher_autocast, _classifier_inputs(student, teacher, example))
+                                   self.teacher_autocast, pairwise_default)
         self.distiller.attach()
         self.distiller.check(example)  # class counts, layers and connectors: errors now, not mid-epoch
         install_extra_parameters(pl_module, self.state_key, self._connector_parameters)
@@ -309,8 +310,8 @@ def _classifier_inputs(student: nn.Module, teacher: nn.Module, example: torch.Te
     try:
         s = find_classifier_layers(student, example)[0]
         t = find_classifier_layers(teacher, example)[0]
-    except (IndexError, RuntimeError):
-        return None
+    except (IndexError, RuntimeError, ValueError):
+        return None  # the Distiller then asks for student_layer / teacher_layer
     return f"{s}:input", f"{t}:input"
 
 
