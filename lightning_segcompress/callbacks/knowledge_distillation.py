@@ -24,6 +24,7 @@ from lightning_segcompress.distillation import (
     normalise_losses,
     snapshot,
 )
+from lightning_segcompress.distillation.distiller import connector_channels
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.models.segmentation_module import SegmentationModule, split_batch
 from lightning_segcompress.utils.inspection import (
@@ -272,7 +273,7 @@ class KnowledgeDistillation(Callback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"active": self.active}
         if self.distiller is not None:
-            state["connectors"] = {key: {"channels": _channels(m), "state_dict": m.state_dict()}
+            state["connectors"] = {key: {"channels": connector_channels(m), "state_dict": m.state_dict()}
                                    for key, m in self.distiller.connectors.items()}
             if self.teacher == "snapshot" and self.active:  # the teacher a resumed fit must distil from
                 state["snapshot"] = {"stages": get_stages(self.distiller.teacher),
@@ -288,11 +289,6 @@ class KnowledgeDistillation(Callback):
                 self.distiller.connectors[key] = connector
         if "snapshot" in state_dict:
             self._pending = state_dict["snapshot"]
-
-
-def _channels(connector: nn.Module) -> list[int] | None:
-    conv = next((m for m in connector.modules() if isinstance(m, nn.Conv2d)), None)
-    return [conv.in_channels, conv.out_channels] if conv is not None else None
 
 
 def _labels(batch: Any) -> torch.Tensor | None:

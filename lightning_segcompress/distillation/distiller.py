@@ -151,7 +151,7 @@ class Distiller:
 
     def _fit_connector(self, key: str, student_channels: int, teacher_channels: int, device) -> None:
         wanted = None if student_channels == teacher_channels else (student_channels, teacher_channels)
-        if key in self.connectors and _connector_channels(self.connectors[key]) == wanted:
+        if key in self.connectors and connector_channels(self.connectors[key]) == wanted:
             return  # unchanged; a student pruned at this layer gets a new connector (old one cannot be sliced)
         self.connectors[key] = make_connector(student_channels, teacher_channels).to(device)
 
@@ -207,7 +207,8 @@ class Distiller:
         return total, terms
 
 
-def _connector_channels(connector: nn.Module) -> tuple[int, int] | None:
+def connector_channels(connector: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` channels of a connector; ``None`` for the identity used where channels already agree."""
     conv = next((m for m in connector.modules() if isinstance(m, nn.Conv2d)), None)
     return (conv.in_channels, conv.out_channels) if conv is not None else None
 
