@@ -122,7 +122,6 @@ class DeviceBenchmark(Callback):
         rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n")
         return report
 
-
     def state_dict(self) -> dict[str, Any]:
         return {"stages": self.stages}
 

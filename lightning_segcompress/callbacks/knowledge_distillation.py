@@ -18,7 +18,6 @@ from lightning_segcompress.compression_state import apply_stages, get_stages
 from lightning_segcompress.distillation import (
     DistillationError,
     Distiller,
-    freeze,
     make_connector,
     normalise_hint,
     normalise_losses,
@@ -192,13 +191,13 @@ class KnowledgeDistillation(Callback):
 
     def _set_teacher(self, teacher: nn.Module) -> None:
         device = next(self.distiller.student.parameters()).device
-        self.distiller.set_teacher(freeze(teacher).to(device))
+        self.distiller.set_teacher(teacher.to(device))
         self.active = True
 
     def _build_teacher(self, student: nn.Module, example: torch.Tensor) -> nn.Module:
         teacher = self.teacher
         if isinstance(teacher, nn.Module):
-            return freeze(find_network(teacher) if isinstance(teacher, pl.LightningModule) else teacher)
+            return find_network(teacher) if isinstance(teacher, pl.LightningModule) else teacher
         if isinstance(teacher, str):
             checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
             if "network" not in checkpoint.get("hyper_parameters", {}):
@@ -206,8 +205,7 @@ class KnowledgeDistillation(Callback):
                     f"{teacher} is not a SegmentationModule checkpoint (no network spec in its hyper_parameters). "
                     "Give the teacher as a spec instead: teacher: {class_path: ..., init_args: {...}} with "
                     f"teacher_checkpoint: {teacher}.")
-            return freeze(SegmentationModule.load_from_checkpoint(teacher, map_location="cpu",
-                                                                  weights_only=True).net)
+            return SegmentationModule.load_from_checkpoint(teacher, map_location="cpu", weights_only=True).net
         with torch.no_grad():
             was_training = student.training
             classes = extract_logits(student.eval()(example)).shape[1]
@@ -216,7 +214,7 @@ class KnowledgeDistillation(Callback):
         network = build_network(teacher, num_classes=None if sets_classes else classes)
         if self.teacher_checkpoint:
             _load_weights(network, self.teacher_checkpoint)
-        return freeze(network)
+        return network
 
     # ---- the loss --------------------------------------------------------------------------------------------
 

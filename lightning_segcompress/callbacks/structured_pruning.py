@@ -319,23 +319,17 @@ class StructuredPruning(Callback):
         record = {"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "requested_fraction": plan["requested_fraction"], "achieved_fraction": plan["achieved_fraction"],
                   "channel_ratio": plan["ratio"], **after,
-                  **{f"{k}_fraction_kept": after[k] / self.reference[k] for k in after}}
+                  **{f"{k}_fraction_kept": after[k] / self.reference[k] for k in after},
+                  "channels_per_layer": layer_widths(network)}
         self.records.append(record)
         if not trainer.is_global_zero:
             return
+        scalars = {f"pruning/{k}": float(v) for k, v in record.items() if k != "channels_per_layer"}
         for logger in trainer.loggers:
-            logger.log_metrics({f"pruning/{k}": float(v) for k, v in record.items()}, step=trainer.global_step)
+            logger.log_metrics(scalars, step=trainer.global_step)
         out = run_dir(trainer, "pruning", self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        entries = [{**r} for r in self.records]
-        entries[-1]["channels_per_layer"] = layer_widths(network)
-        previous = out / "pruning_steps.json"
-        if previous.exists():  # keep the per-layer widths written by earlier steps
-            old = {e["step"]: e for e in json.loads(previous.read_text())}
-            for entry in entries[:-1]:
-                if "channels_per_layer" in old.get(entry["step"], {}):
-                    entry["channels_per_layer"] = old[entry["step"]]["channels_per_layer"]
-        previous.write_text(json.dumps(entries, indent=1))
+        (out / "pruning_steps.json").write_text(json.dumps(self.records, indent=1))
         rank_zero_info(
             f"StructuredPruning step {step}/{self.schedule.steps} (epoch {trainer.current_epoch}): removed "
             f"{record['achieved_fraction']:.3f} of {self.target} (requested {record['requested_fraction']:.3f}); "

@@ -135,7 +135,7 @@ class Distiller:
                 f"the student predicts {student_out.shape[1]} classes and the teacher {teacher_out.shape[1]}: "
                 f"{sorted(set(self.losses) & set(LOGIT_LOSSES))} compare class scores, so both must have the same "
                 "classes (check the teacher's num_classes), or use only hints / pairwise.")
-        for key in [k for k in self.student_capture.layers]:
+        for key in self.student_capture.layers:
             s, t = self.student_capture.features.get(key), self.teacher_capture.features.get(key)
             names = (self.student_capture.layers[key][0], self.teacher_capture.layers[key][0])
             if s is None or t is None:
