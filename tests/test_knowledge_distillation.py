@@ -319,3 +319,31 @@ def test_teacher_autocast_runs_the_teacher_in_bfloat16_on_cpu(tmp_path):
     seen.clear()
     trainer.fit(UserModule(), _data())
     assert seen["dtype"] == torch.bfloat16 and "kd/pixel_kl_step" in trainer.callback_metrics
+
+
+def test_yaml_spec_teacher_stays_a_spec_and_distils_through_the_cli(tmp_path):
+    """jsonargparse must hand the callback the {class_path, init_args} dict, not an instantiated module."""
+    import yaml
+
+    from lightning_segcompress.cli import SegCompressCLI
+
+    teacher = build_network(UNET_WIDE, num_classes=4)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    recipe = {
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 0,
+                    "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"),
+                    "callbacks": [{"class_path": "lightning_segcompress.callbacks.KnowledgeDistillation",
+                                   "init_args": {"teacher": UNET_WIDE, "losses": {"cwd": 1.0},
+                                                 "teacher_checkpoint": str(tmp_path / "teacher.pt")}}]},
+        "model": {"init_args": {"network": SMP_UNET, "num_classes": 4}},
+        "data": {"init_args": {"num_classes": 4, "image_size": [64, 64], "num_train": 8, "num_val": 4,
+                               "num_test": 4, "batch_size": 4}},
+    }
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(recipe))
+    cli = SegCompressCLI(args=["fit", "--config", str(tmp_path / "kd.yaml")])
+    kd = next(c for c in cli.trainer.callbacks if isinstance(c, KnowledgeDistillation))
+    assert kd.teacher == UNET_WIDE
+    assert cli.trainer.global_step == 2 and "kd/cwd_step" in cli.trainer.callback_metrics
+    assert all(torch.equal(a, b) for a, b in zip(kd.distiller.teacher.state_dict().values(),
+                                                 teacher.state_dict().values()))
