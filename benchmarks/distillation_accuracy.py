@@ -12,7 +12,6 @@ benchmarks/results/<--name>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,11 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _results import write_results  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import KnowledgeDistillation  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
            "init_args": {"encoder_name": "tu-mobilenetv3_large_100"}}
 STUDENT = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
@@ -104,12 +103,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['student']} | {r['mean']:.4f} | {r['min']:.4f} .. {r['max']:.4f} | {r['stdev']:.4f} | "
                      f"{r['delta_vs_no_kd']:+.4f} | {', '.join(f'{v:.4f}' for v in r['values'])} |")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(text + "\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        {"args": vars(args), "teacher_miou": teacher_miou, "rows": rows}, indent=1))
+    write_results(args.name, "\n".join(lines), {"args": vars(args), "teacher_miou": teacher_miou, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,24 +16,22 @@ benchmarks/results/<--name>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _results import write_results  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import KnowledgeDistillation  # noqa: E402
 from lightning_segcompress.models import build_network  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
            "init_args": {"encoder_name": "tu-mobilenetv3_large_100"}}
 STUDENT = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
@@ -150,11 +148,7 @@ def main() -> None:
         ratio = "" if r["ratio_to_plain_plus_teacher"] is None else f"{r['ratio_to_plain_plus_teacher']:.3f}"
         control = "" if r["ratio_to_control"] is None else f"{r['ratio_to_control']:.3f}"
         lines.append(f"| {r['variant']} | {r['median_s'] * 1000:.1f} | {ratio} | {control} |")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(text + "\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_results(args.name, "\n".join(lines), {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ from lightning_segcompress.utils.inspection import find_network
 STAGES_ATTRIBUTE = "_segcompress_stages"
 CHECKPOINT_KEY = "segcompress"
 FORMAT_VERSION = 1
-# stage kind -> "module:function(network, stage, applied_stage_or_None)" that brings the network to ``stage``
-_APPLIERS = {"structured_pruning": "lightning_segcompress.pruning.state:apply_stage"}
+# stage kind -> "module:function(network, stage, applied_stage_or_None)" that brings the network to ``stage``;
+# it changes the network in place (returns None) or returns the network that replaces it (e.g. a traced,
+# quantization-prepared GraphModule)
+_APPLIERS = {"structured_pruning": "lightning_segcompress.pruning.state:apply_stage",
+             "quantization": "lightning_segcompress.quantization.state:apply_stage"}
 
 
 def get_stages(network: nn.Module) -> list[dict]:
@@ -43,9 +46,10 @@ def set_stage(network: nn.Module, stage: dict) -> None:
     setattr(network, STAGES_ATTRIBUTE, stages)
 
 
-def apply_stages(network: nn.Module, stages: list[dict]) -> None:
-    """Bring ``network`` to the architecture described by ``stages``; stages it already has are skipped, so
-    this is safe to call twice (e.g. by a callback and by the module's own ``on_load_checkpoint``)."""
+def apply_stages(network: nn.Module, stages: list[dict]) -> nn.Module:
+    """Bring ``network`` to the architecture described by ``stages`` and return it (a new module where a stage
+    replaces the network, e.g. quantization). Stages it already has are skipped, so this is safe to call twice
+    (e.g. by a callback and by the module's own ``on_load_checkpoint``)."""
     applied = getattr(network, STAGES_ATTRIBUTE, [])
     for index, stage in enumerate(stages):
         kind = stage.get("kind")
@@ -57,7 +61,10 @@ def apply_stages(network: nn.Module, stages: list[dict]) -> None:
             raise ValueError(f"The network already went through {current['kind']!r} as stage {index}, but the "
                              f"checkpoint expects {kind!r}: load it into a freshly built network.")
         module_name, _, function = _APPLIERS[kind].partition(":")
-        getattr(importlib.import_module(module_name), function)(network, stage, current)
+        replacement = getattr(importlib.import_module(module_name), function)(network, stage, current)
+        if replacement is not None:  # the applier recorded the stage history on the replacement
+            network = replacement
+    return network
 
 
 def network_path(module: nn.Module, network: nn.Module) -> str:
@@ -77,18 +84,31 @@ def write_to_checkpoint(checkpoint: dict, module: nn.Module, network_attribute: 
                                       "stages": stages}
 
 
-def restore_from_checkpoint(module: nn.Module, checkpoint: dict) -> bool:
-    """Replay the checkpoint's compression stages on ``module``'s network; True if there were any."""
+def replace_network(module: nn.Module, path: str, network: nn.Module) -> None:
+    """Put ``network`` at attribute path ``path`` of ``module`` (path "" is not replaceable in place)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = module.get_submodule(parent_path) if parent_path else module
+    setattr(parent, name, network)
+
+
+def restore_from_checkpoint(module: nn.Module, checkpoint: dict) -> nn.Module:
+    """Replay the checkpoint's compression stages on ``module``'s network and return ``module`` (or, where
+    ``module`` is itself the network and a stage replaces it, the replacement)."""
     entry = checkpoint.get(CHECKPOINT_KEY)
     if not entry:
-        return False
+        return module
     if entry.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"Compression state version {entry['version']} is newer than this lightning-segcompress "
                          f"understands ({FORMAT_VERSION}); upgrade the package.")
     path = entry.get("network_attribute", "")
     network = module.get_submodule(path) if path else module
-    apply_stages(network, entry["stages"])
-    return True
+    restored = apply_stages(network, entry["stages"])
+    if restored is network:
+        return module
+    if not path:
+        return restored
+    replace_network(module, path, restored)
+    return module
 
 
 def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict: bool = True,
@@ -99,10 +119,13 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
     Example::
 
         model = MyLitModule(...)                      # built exactly as for training
-        load_compressed(model, "runs/pruned.ckpt")    # now pruned, with the trained weights
+        model = load_compressed(model, "runs/pruned.ckpt")  # now pruned, with the trained weights
+
+    Returns ``model`` (a LightningModule keeps its identity; a bare network that a stage replaces, e.g. a
+    quantized one, comes back as the replacement).
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    restore_from_checkpoint(model, checkpoint)
+    model = restore_from_checkpoint(model, checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
     model.load_state_dict(state_dict, strict=strict)
     return model

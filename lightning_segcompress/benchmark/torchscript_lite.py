@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_segcompress.utils.inspection import has_int8_modules
+
 
 def export_torchscript_lite(model: nn.Module, example: torch.Tensor, path: str | Path) -> dict:
-    """Trace (falling back to script), freeze, try ``optimize_for_mobile``, save for the lite interpreter.
+    """Trace (falling back to script), freeze (not int8 models), try ``optimize_for_mobile``, save for the lite
+    interpreter.
 
     The trace is checked on other inputs (the negated example and a random one) so that a data-dependent
     Python branch, which a trace silently bakes in, is detected and scripting is tried instead.
@@ -40,7 +43,12 @@ def export_torchscript_lite(model: nn.Module, example: torch.Tensor, path: str |
                     f"script: {type(script_error).__name__}: {_first_line(script_error)}"
                 ) from script_error
             method = "script"
-        frozen = torch.jit.freeze(compiled.eval())
+        if has_int8_modules(model):
+            # freezing inlines packed int8 weights as constants *and* keeps them packed: a lite file twice the size
+            frozen = compiled.eval()
+            notes.append("not frozen: int8 packed weights would be stored twice")
+        else:
+            frozen = torch.jit.freeze(compiled.eval())
         try:
             from torch.utils.mobile_optimizer import optimize_for_mobile
 

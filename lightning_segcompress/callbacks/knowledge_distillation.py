@@ -158,8 +158,7 @@ class KnowledgeDistillation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = find_network(pl_module, self.network_attribute)
         if self._pending is not None:  # a snapshot teacher from the checkpoint being resumed
-            teacher = copy.deepcopy(self._template)
-            apply_stages(teacher, self._pending["stages"])
+            teacher = apply_stages(copy.deepcopy(self._template), self._pending["stages"])
             teacher.load_state_dict(self._pending["state_dict"])
             self._set_teacher(teacher)
             self._pending = None
@@ -175,9 +174,11 @@ class KnowledgeDistillation(Callback):
             self._set_teacher(snapshot(find_network(pl_module, self.network_attribute)))
 
     def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The student's channels changed: connectors of hinted layers that were pruned are rebuilt."""
+        """The student changed: follow a replaced network (quantization); rebuild connectors of pruned layers."""
+        student = find_network(pl_module, self.network_attribute)
+        if student is not self.distiller.student:
+            self.distiller.set_student(student)
         if self.hints:
-            student = find_network(pl_module, self.network_attribute)
             self.distiller.check(example_input(student, size=tuple(self.input_size)))
             self._sync_connectors()
 
@@ -213,7 +214,7 @@ class KnowledgeDistillation(Callback):
         sets_classes = {"classes", "num_classes"} & set(teacher.get("init_args") or {})
         network = build_network(teacher, num_classes=None if sets_classes else classes)
         if self.teacher_checkpoint:
-            _load_weights(network, self.teacher_checkpoint)
+            network = _load_weights(network, self.teacher_checkpoint)
         return network
 
     # ---- the loss --------------------------------------------------------------------------------------------
@@ -309,13 +310,13 @@ def _classifier_inputs(student: nn.Module, teacher: nn.Module, example: torch.Te
     return f"{s}:input", f"{t}:input"
 
 
-def _load_weights(network: nn.Module, path: str) -> None:
+def _load_weights(network: nn.Module, path: str) -> nn.Module:
     """Load a Lightning checkpoint or a bare state dict into ``network``, whatever prefix the keys carry
     (``net.``, ``model.``), replaying its compression stages first."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     entry = checkpoint.get("segcompress") if isinstance(checkpoint, Mapping) else None
     if entry:
-        apply_stages(network, entry["stages"])
+        network = apply_stages(network, entry["stages"])
     state = checkpoint.get("state_dict", checkpoint)
     wanted = set(network.state_dict())
     prefixes = [""] + sorted({k.split(".")[0] + "." for k in state if "." in k})
@@ -323,7 +324,7 @@ def _load_weights(network: nn.Module, path: str) -> None:
         candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if set(candidate) == wanted:
             network.load_state_dict(candidate)
-            return
+            return network
     raise DistillationError(f"teacher_checkpoint {path} holds no weights for {type(network).__name__}: its keys "
                             f"(e.g. {list(state)[:3]}) do not match the network's (e.g. {list(wanted)[:3]}). Check the "
                             "teacher's class_path and init_args.")

@@ -91,7 +91,7 @@ class Distiller:
             teacher_layers["pairwise"] = options.get("teacher_layer") or default[1]
             if not student_layers["pairwise"] or not teacher_layers["pairwise"]:
                 raise DistillationError("pairwise needs student_layer and teacher_layer (feature maps to compare).")
-        self._teacher_layers = teacher_layers
+        self._student_layers, self._teacher_layers = student_layers, teacher_layers
         self.student_capture = ForwardCapture(student, student_layers, "student")
         self.teacher_capture = ForwardCapture(self.teacher, teacher_layers, "teacher")
         self.connectors = nn.ModuleDict()
@@ -116,6 +116,16 @@ class Distiller:
         self.teacher_capture = ForwardCapture(self.teacher, self._teacher_layers, "teacher")
         if attached:
             self.teacher_capture.attach()
+
+    def set_student(self, student: nn.Module) -> None:
+        """Capture from ``student`` from now on (the network was replaced, e.g. traced for quantization)."""
+        attached = bool(self.student_capture._handles)
+        self.student_capture.detach()
+        self.student_capture.clear()
+        self.student = student
+        self.student_capture = ForwardCapture(student, self._student_layers, "student")
+        if attached:
+            self.student_capture.attach()
 
     def check(self, example: torch.Tensor) -> None:
         """Run both networks on ``example``: class counts must agree for the logit losses, every hinted layer

@@ -47,13 +47,46 @@ def output_tensors(output) -> list[torch.Tensor]:
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Parameters, including the packed weights (and biases) of int8 conv / linear modules."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    if not trainable_only:
+        for module in _quantized_weighted(model):
+            bias = module.bias()
+            total += module.weight().numel() + (bias.numel() if bias is not None else 0)
+    return total
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass, counted by torch-pruning (on a copy of the model)."""
-    macs, _ = tp.utils.count_ops_and_params(model, example_input)
-    return int(macs)
+    """Multiply-accumulates of one forward pass, counted by torch-pruning (on a copy of the model); int8 conv
+    and linear modules, which torch-pruning does not know, are counted from their weights and outputs."""
+    quantized = _quantized_weighted(model)
+    counted: list[int] = []
+
+    def hook(module, inputs, output):
+        weight = module.weight()  # [out, in/groups, *kernel]: MACs per output element = in/groups * kernel
+        counted.append(output.numel() // output.shape[1] * weight.numel() if output.dim() > 2
+                       else output.shape[0] * weight.numel())
+
+    handles = [m.register_forward_hook(hook) for m in quantized]
+    try:
+        macs, _ = tp.utils.count_ops_and_params(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(macs) + sum(counted)
+
+
+def has_int8_modules(model: nn.Module) -> bool:
+    """Whether ``model`` holds torch.ao quantized (int8) modules, e.g. after FX ``convert``."""
+    return any(_is_int8_module(m) for m in model.modules())
+
+
+def _is_int8_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn.quantized")
+
+
+def _quantized_weighted(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if _is_int8_module(m) and callable(getattr(m, "weight", None))]
 
 
 @dataclass(frozen=True)
@@ -110,7 +143,9 @@ def find_network(module: nn.Module, attribute: str | None = None) -> nn.Module:
 
 
 def _has_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
+    if next(module.parameters(), None) is not None:
+        return True
+    return has_int8_modules(module)  # an int8 network keeps its weights packed, not as parameters
 
 
 def input_channels(network: nn.Module) -> int:

@@ -1,0 +1,135 @@
+"""Is int8 worth it? fp32 vs int8 latency, file size and val mIoU on the same runtime, after QAT (issue 6, P2).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quantization_speedup.py --threads 2
+
+For each model (smp DeepLabV3Plus on tu-mobilenetv3_large_100, smp Unet on resnet18): train in fp32 on
+SyntheticScenes, then fine-tune with QuantizationAwareTraining twice from the same weights — backend fx
+(int8 for the TorchScript lite interpreter) and backend pt2e (int8 for ExecuTorch/XNNPACK) — and validate the
+converted int8 networks. Latency and file size come from the DeviceBenchmark path at --bench_size (fp32 and
+int8 each on the runtime the backend targets, timed in a fresh subprocess). Goal: >= 3x faster, <= 0.3x file
+size, <= 0.5 mIoU points drop. Prints a Markdown table and writes benchmarks/results/<--name>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from _results import write_results  # noqa: E402
+
+from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
+from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network  # noqa: E402
+from lightning_segcompress.callbacks import QuantizationAwareTraining  # noqa: E402
+
+MODELS = {
+    "DeepLabV3+ (mnv3-large)": {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
+                                "init_args": {"encoder_name": "tu-mobilenetv3_large_100"}},
+    "Unet (resnet18)": {"class_path": "segmentation_models_pytorch.Unet", "init_args": {"encoder_name": "resnet18"}},
+}
+RUNTIME = {"fx": "torchscript_lite", "pt2e": "executorch"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--backends", nargs="+", default=["fx", "pt2e"], choices=["fx", "pt2e"])
+    parser.add_argument("--size", type=int, default=96, help="training crop")
+    parser.add_argument("--bench_size", type=int, default=512, help="latency input H = W")
+    parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--num_train", type=int, default=256)
+    parser.add_argument("--num_val", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=10, help="fp32 training epochs")
+    parser.add_argument("--qat_epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--qat_lr", type=float, default=0.0003)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--name", default="quantization_speedup", help="result file name in benchmarks/results")
+    return parser.parse_args()
+
+
+def data(args) -> SyntheticScenesDataModule:
+    return SyntheticScenesDataModule(num_classes=args.classes, image_size=(args.size, args.size),
+                                     num_train=args.num_train, num_val=args.num_val, num_test=args.num_val,
+                                     batch_size=args.batch_size, seed=0)
+
+
+def trainer(args, epochs: int, root: Path, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                      callbacks=list(callbacks))
+
+
+def measure(network, runtime: str, args, out: Path) -> dict:
+    settings = BenchmarkSettings(input_shape=(1, 3, args.bench_size, args.bench_size), runtimes=(runtime,),
+                                 threads=args.threads, runs=args.runs, tolerance=1.0)
+    entry = benchmark_network(network, settings, out)["runtimes"][runtime]
+    if entry.get("status") != "ok":
+        raise RuntimeError(f"{runtime} benchmark failed: {entry}")
+    return entry
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name in args.models:
+            pl.seed_everything(0, verbose=False)
+            float_model = SegmentationModule(MODELS[name], num_classes=args.classes, lr=args.lr)
+            trainer(args, args.epochs, root).fit(float_model, data(args))
+            float_miou = trainer(args, 0, root).validate(float_model, data(args), verbose=False)[0]["val_miou"]
+            print(f"{name}: fp32 val mIoU {float_miou:.4f}", flush=True)
+            for backend in args.backends:
+                runtime = RUNTIME[backend]
+                fp32 = measure(float_model.net, runtime, args, root / name / backend / "fp32")
+                pl.seed_everything(0, verbose=False)
+                model = SegmentationModule(MODELS[name], num_classes=args.classes, lr=args.qat_lr)
+                model.load_state_dict(float_model.state_dict())
+                qat = QuantizationAwareTraining(backend=backend, start_epoch=0,
+                                                freeze_bn_epoch=max(args.qat_epochs - 1, 0),
+                                                freeze_observer_epoch=max(args.qat_epochs - 1, 0),
+                                                input_size=[args.size, args.size])
+                fit = trainer(args, args.qat_epochs, root, [qat])
+                fit.fit(model, data(args))
+                int8_miou = fit.validate(model, data(args), verbose=False)[0]["val_miou"]
+                int8 = measure(model.net, runtime, args, root / name / backend / "int8")
+                row = {"model": name, "backend": backend, "runtime": runtime,
+                       "fp32_ms": fp32["median_ms"], "int8_ms": int8["median_ms"],
+                       "speedup": fp32["median_ms"] / int8["median_ms"],
+                       "fp32_mb": fp32["size_mb"], "int8_mb": int8["size_mb"],
+                       "size_ratio": int8["size_mb"] / fp32["size_mb"],
+                       "fp32_miou": float_miou, "fake_quant_miou": qat.fake_quant_metric, "int8_miou": int8_miou,
+                       "miou_drop_points": 100 * (float_miou - int8_miou)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    header = (f"SyntheticScenes {args.size}x{args.size}, {args.classes} classes, {args.num_train} train / "
+              f"{args.num_val} val; fp32 {args.epochs} epochs (AdamW lr {args.lr}), then QAT {args.qat_epochs} epochs "
+              f"(lr {args.qat_lr}, BN and observers frozen in the last); latency at 1x3x{args.bench_size}x"
+              f"{args.bench_size}, median of {args.runs} runs in a fresh process; machine: {platform.machine()}, "
+              f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
+              f"{time.time() - started:.0f} s. Goal: >= 3x faster, <= 0.3x size, <= 0.5 mIoU points drop.")
+    lines = [header, "", "| model | backend -> runtime | fp32 ms | int8 ms | speedup | fp32 MB | int8 MB | size "
+             "ratio | fp32 mIoU | fake-quant mIoU | int8 mIoU | drop (points) |", "|---" * 12 + "|"]
+    for r in rows:
+        fake = "" if r["fake_quant_miou"] is None else f"{r['fake_quant_miou']:.4f}"
+        lines.append(f"| {r['model']} | {r['backend']} -> {r['runtime']} | {r['fp32_ms']:.1f} | {r['int8_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['fp32_mb']:.2f} | {r['int8_mb']:.2f} | {r['size_ratio']:.2f} | "
+                     f"{r['fp32_miou']:.4f} | {fake} | {r['int8_miou']:.4f} | {r['miou_drop_points']:+.2f} |")
+    write_results(args.name, "\n".join(lines), {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

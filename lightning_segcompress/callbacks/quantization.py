@@ -1,0 +1,251 @@
+"""QuantizationAwareTraining and PostTrainingQuantization: real int8 models from any LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_segcompress.callbacks._plumbing import (
+    announce_compression,
+    install_checkpoint_restore,
+    rebuild_optimizers,
+    remove_checkpoint_restore,
+    rewrap_ddp,
+)
+from lightning_segcompress.compression_state import network_path, replace_network, write_to_checkpoint
+from lightning_segcompress.models.segmentation_module import split_batch
+from lightning_segcompress.quantization import (
+    QuantizationConfig,
+    calibrate,
+    convert_network,
+    freeze_batchnorm,
+    freeze_observers,
+    prepare_network,
+    quantization_stage,
+    resolve_keep_float,
+)
+from lightning_segcompress.utils.inspection import find_network
+
+
+class QuantizationAwareTraining(Callback):
+    """Train with fake quantization from ``start_epoch`` and end the fit with a real int8 network.
+
+    At ``start_epoch`` the network is traced and prepared (FX: torch.ao ``prepare_qat_fx``; PT2E: torch.export
+    with a dynamic batch + torchao ``prepare_qat_pt2e`` with the XNNPACK quantizer), put back where it was in
+    the LightningModule, and the optimizers are rebuilt. BN statistics and observers freeze at the given
+    epochs. When training ends the network is replaced by its int8 conversion, so ``validate``/``test`` after
+    ``fit`` and a :class:`DeviceBenchmark` listed after this callback measure the int8 model; the fake-quant
+    model's last ``monitor`` value is logged next to it as ``quant/fake_quant_<monitor>``.
+
+    Checkpoints store the quantization configuration as plain data; a resumed fit, ``test(ckpt_path=...)``,
+    ``SegmentationModule.load_from_checkpoint`` and :func:`lightning_segcompress.load_compressed` prepare the
+    network again before its weights load. ``validate``/``test`` with this callback convert a restored
+    fake-quant network to int8 first.
+
+    Args:
+        backend: ``"fx"`` (int8 modules for eager and the TorchScript lite interpreter, CPU) or ``"pt2e"`` (for
+            ExecuTorch/XNNPACK; needs executorch).
+        engine: FX quantized engine, ``"x86"`` (fast on x86 CPUs) or ``"qnnpack"`` (ARM).
+        start_epoch: the epoch at which fake quantization starts (e.g. after pruning finished).
+        freeze_bn_epoch: from this epoch on, BN running statistics stop updating (None: never).
+        freeze_observer_epoch: from this epoch on, quantization ranges stay fixed (None: never).
+        keep_float: module names (or regexes) left in float; with FX they are not traced either, which is the
+            fix for modules torch.fx cannot trace.
+        per_channel: per-channel weight scales (PT2E/XNNPACK).
+        input_size: ``[H, W]`` of the example used for tracing.
+        monitor: validation metric reported for the fake-quant model next to the int8 one.
+        network_attribute: attribute path of the network in the LightningModule (default: found).
+
+    Example::
+
+        trainer = Trainer(max_epochs=12, callbacks=[
+            StructuredPruning(amount=0.5, schedule="agp", start_epoch=1, end_epoch=3, steps=3),
+            QuantizationAwareTraining(backend="fx", start_epoch=6, freeze_bn_epoch=10, freeze_observer_epoch=11),
+            DeviceBenchmark(runtimes=["torchscript_lite"])])
+    """
+
+    qat = True
+
+    def __init__(
+        self,
+        backend: str = "fx",
+        engine: str = "x86",
+        start_epoch: int = 0,
+        freeze_bn_epoch: int | None = None,
+        freeze_observer_epoch: int | None = None,
+        keep_float: list[str] | None = None,
+        per_channel: bool = True,
+        input_size: list[int] | None = None,
+        monitor: str = "val_miou",
+        network_attribute: str | None = None,
+    ) -> None:
+        input_size = list(input_size or [64, 64])
+        if len(input_size) != 2:
+            raise ValueError(f"input_size is [H, W], got {input_size}.")
+        if start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}.")
+        for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
+            if epoch is not None and epoch < start_epoch:
+                raise ValueError(f"{name} ({epoch}) must not come before start_epoch ({start_epoch}).")
+        self.config = QuantizationConfig(backend=backend, engine=engine, qat=self.qat, per_channel=per_channel,
+                                         example_shape=(2, 3, *input_size))  # validates backend and engine
+        self.keep_float_patterns = list(keep_float or [])
+        self.start_epoch = start_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.freeze_observer_epoch = freeze_observer_epoch
+        self.monitor = monitor
+        self.network_attribute = network_attribute
+        self.fake_quant_metric: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(backend=self.config.backend, qat=self.qat)
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        network = find_network(pl_module, self.network_attribute)
+        if quantization_stage(network) is None:  # names refer to the float network
+            keep_float = resolve_keep_float(network, self.keep_float_patterns)
+            self.config = QuantizationConfig.from_dict({**self.config.as_dict(), "keep_float": keep_float})
+        install_checkpoint_restore(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_checkpoint_restore(pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch >= self.start_epoch and self._stage(pl_module) is None:
+            self.prepare(trainer, pl_module)
+        network = find_network(pl_module, self.network_attribute)
+        if self._stage(pl_module) is None:
+            return
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            freeze_batchnorm(network)
+        if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
+            freeze_observers(network)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and stage is not None and not stage["converted"]:
+            value = trainer.callback_metrics.get(self.monitor)
+            self.fake_quant_metric = None if value is None else float(value)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.convert(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.convert(trainer, pl_module)  # when no training ran (e.g. max_epochs reached already)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self.convert(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.convert(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_fake_quant_metric(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_fake_quant_metric(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fake_quant_metric": self.fake_quant_metric}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fake_quant_metric = state_dict.get("fake_quant_metric")
+
+    # ---- the steps -------------------------------------------------------------------------------------
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Trace the network and insert fake quantization (observers for PTQ); the module keeps working on
+        failure (the error names the module and the fix)."""
+        network = find_network(pl_module, self.network_attribute)
+        announce_compression(trainer, pl_module, "before")
+        prepared = prepare_network(network, self.config)  # raises before anything was replaced
+        replace_network(pl_module, network_path(pl_module, network), prepared)
+        announce_compression(trainer, pl_module, "after")
+        if self.qat:
+            rebuild_optimizers(trainer)
+            rewrap_ddp(trainer)
+        rank_zero_info(f"QuantizationAwareTraining: {type(network).__name__} prepared for "
+                       f"{'QAT' if self.qat else 'calibration'} ({self.config.backend}) at epoch "
+                       f"{trainer.current_epoch}.")
+
+    def convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Replace a prepared network by its int8 conversion (no-op when there is none or it is int8)."""
+        stage = self._stage(pl_module)
+        if stage is None or stage["converted"]:
+            return
+        prepared = find_network(pl_module, self.network_attribute)
+        converted = convert_network(prepared)
+        replace_network(pl_module, network_path(pl_module, prepared), converted)
+
+    def _stage(self, pl_module: pl.LightningModule) -> dict | None:
+        return quantization_stage(find_network(pl_module, self.network_attribute))
+
+    def _log_fake_quant_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(pl_module)
+        if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
+                self.fake_quant_metric is not None:
+            pl_module.log(f"quant/fake_quant_{self.monitor}", self.fake_quant_metric)
+
+
+class PostTrainingQuantization(QuantizationAwareTraining):
+    """Post-training int8: when ``fit`` ends, observe ``calibration_batches`` training batches (eval mode, no
+    gradients) and convert, without any quantization-aware training.
+
+    With ``max_epochs`` already reached (or ``max_epochs=0``) no training runs and only calibration does, e.g.
+    ``segcompress fit --config trained.yaml --ckpt_path last.ckpt`` with this callback appended. Arguments as
+    :class:`QuantizationAwareTraining`, without the training schedule.
+
+    Example::
+
+        trainer = Trainer(max_epochs=0, callbacks=[PostTrainingQuantization(calibration_batches=16)])
+        trainer.fit(model, datamodule)      # model now holds the int8 network
+    """
+
+    qat = False
+
+    def __init__(self, backend: str = "fx", engine: str = "x86", calibration_batches: int = 16,
+                 keep_float: list[str] | None = None, per_channel: bool = True, input_size: list[int] | None = None,
+                 monitor: str = "val_miou", network_attribute: str | None = None) -> None:
+        if calibration_batches <= 0:
+            raise ValueError(f"calibration_batches must be positive, got {calibration_batches}.")
+        super().__init__(backend=backend, engine=engine, keep_float=keep_float, per_channel=per_channel,
+                         input_size=input_size, monitor=monitor, network_attribute=network_attribute)
+        self.calibration_batches = calibration_batches
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return  # nothing happens during training
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self._stage(pl_module) is None:
+            value = trainer.callback_metrics.get(self.monitor)  # the float model's, reported next to int8
+            self.fake_quant_metric = None if value is None else float(value)
+
+    def convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self._stage(pl_module) is None:
+            self.prepare(trainer, pl_module)
+            loader = trainer.train_dataloader
+            if loader is None:
+                trainer.fit_loop.setup_data()
+                loader = trainer.train_dataloader
+            images = (split_batch(batch)[0] for batch in loader)
+            used = calibrate(find_network(pl_module, self.network_attribute), images, self.calibration_batches)
+            rank_zero_info(f"PostTrainingQuantization: calibrated on {used} batches.")
+        super().convert(trainer, pl_module)
+
+    def _log_fake_quant_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(pl_module)
+        if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
+                self.fake_quant_metric is not None:
+            pl_module.log(f"quant/float_{self.monitor}", self.fake_quant_metric)
