@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from conftest import SMP_UNET, trainer_kwargs
+from conftest import SMP_UNET, TV_LRASPP, trainer_kwargs
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule, load_compressed
 from lightning_segcompress.callbacks import (
     DeviceBenchmark,
@@ -55,6 +55,16 @@ def test_qat_fx_prepares_at_start_epoch_and_fit_ends_with_an_int8_network_that_v
     metrics = trainer.validate(model, _data())[0]
     assert metrics["quant/fake_quant_val_miou"] == pytest.approx(fake_quant_miou)
     assert 0.0 <= metrics["val_miou"] <= 1.0
+
+
+def test_qat_on_a_torchvision_mobilenetv3_with_dict_output(tmp_path):
+    pl.seed_everything(0)
+    model = SegmentationModule(TV_LRASPP, num_classes=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()]))
+    trainer.fit(model, _data())
+    assert has_int8_modules(model.net)
+    assert isinstance(model.net(torch.randn(1, 3, 64, 64)), dict)
+    assert "val_miou" in trainer.validate(model, _data())[0]
 
 
 def test_resume_mid_qat_and_test_with_ckpt_path_evaluate_the_restored_network(tmp_path):

@@ -21,6 +21,7 @@ from lightning_segcompress.quantization import (
     prepare_network,
     quantization_stage,
 )
+from lightning_segcompress.quantization.fx_backend import dilated_depthwise_convs
 from lightning_segcompress.utils.inspection import extract_logits, has_int8_modules
 
 
@@ -108,6 +109,19 @@ def test_fx_handles_mobilenetv3_models_and_dict_outputs(spec):
     assert extract_logits(out).shape == (2, 4, 64, 64)
     assert isinstance(out, dict) == isinstance(net(images), dict)
     assert has_int8_modules(int8)
+    # every BN folded into its conv (timm's BatchNormAct2d included); dilated depthwise convs stay float
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
+    float_convs = {n for n, m in int8.named_modules() if type(m) in (nn.Conv2d, torch.ao.nn.intrinsic.ConvBn2d)}
+    assert float_convs == set(dilated_depthwise_convs(net))
+
+
+def test_a_failed_prepare_leaves_the_float_network_exactly_as_it_was():
+    net = build_network(SMP_DEEPLAB, num_classes=4)
+    net.segmentation_head = nn.Sequential(net.segmentation_head, Gate())
+    keys, modules = list(net.state_dict()), [type(m) for m in net.modules()]
+    with pytest.raises(QuantizationError, match="segmentation_head.1"):
+        prepare_network(net, QuantizationConfig(backend="fx"))
+    assert list(net.state_dict()) == keys and [type(m) for m in net.modules()] == modules
 
 
 class Gate(nn.Module):

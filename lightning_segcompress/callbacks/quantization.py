@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
@@ -186,6 +187,7 @@ class QuantizationAwareTraining(Callback):
         if stage is None or stage["converted"]:
             return
         prepared = find_network(pl_module, self.network_attribute)
+        _broadcast_buffers(prepared)  # every DDP rank converts rank 0's ranges, scales and BN statistics
         converted = convert_network(prepared)
         replace_network(pl_module, network_path(pl_module, prepared), converted)
 
@@ -197,6 +199,13 @@ class QuantizationAwareTraining(Callback):
         if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
                 self.fake_quant_metric is not None:
             pl_module.log(f"quant/fake_quant_{self.monitor}", self.fake_quant_metric)
+
+
+def _broadcast_buffers(network) -> None:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buffer in network.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 class PostTrainingQuantization(QuantizationAwareTraining):
