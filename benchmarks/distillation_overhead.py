@@ -27,15 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from _results import write_results  # noqa: E402
+from distillation_accuracy import STUDENT, TEACHER  # noqa: E402 - the same teacher and student
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import KnowledgeDistillation  # noqa: E402
 from lightning_segcompress.models import build_network  # noqa: E402
 
-TEACHER = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
-           "init_args": {"encoder_name": "tu-mobilenetv3_large_100"}}
-STUDENT = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
-           "init_args": {"encoder_name": "tu-mobilenetv3_small_100"}}
 VARIANTS = {"pixel KL": {"pixel_kl": {}}, "CWD": {"cwd": {}}, "ACE": {"ace": {}},
             "pixel KL + CWD + ACE": {"pixel_kl": {}, "cwd": {}, "ace": {}}}
 
