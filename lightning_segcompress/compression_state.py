@@ -46,6 +46,11 @@ def set_stage(network: nn.Module, stage: dict) -> None:
     setattr(network, STAGES_ATTRIBUTE, stages)
 
 
+def carry_stages(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (a module that replaces ``source``, e.g. its traced copy) ``source``'s stage history."""
+    setattr(target, STAGES_ATTRIBUTE, get_stages(source))
+
+
 def apply_stages(network: nn.Module, stages: list[dict]) -> nn.Module:
     """Bring ``network`` to the architecture described by ``stages`` and return it (a new module where a stage
     replaces the network, e.g. quantization). Stages it already has are skipped, so this is safe to call twice
@@ -85,7 +90,10 @@ def write_to_checkpoint(checkpoint: dict, module: nn.Module, network_attribute: 
 
 
 def replace_network(module: nn.Module, path: str, network: nn.Module) -> None:
-    """Put ``network`` at attribute path ``path`` of ``module`` (path "" is not replaceable in place)."""
+    """Put ``network`` at attribute path ``path`` of ``module``."""
+    if not path:
+        raise ValueError(f"{type(module).__name__} is itself the network and cannot be replaced in place; use the "
+                         "returned network instead.")
     parent_path, _, name = path.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     setattr(parent, name, network)

@@ -50,7 +50,7 @@ def test_qat_fx_prepares_at_start_epoch_and_fit_ends_with_an_int8_network_that_v
     # the probe runs before the callback at each epoch start: float at 0 and 1, prepared from epoch 1 on
     assert probe.states == [None, None, "prepared"]
     assert has_int8_modules(model.net) and quantization_stage(model.net)["converted"]
-    fake_quant_miou = qat.fake_quant_metric
+    fake_quant_miou = qat.pre_int8_metric
     assert fake_quant_miou is not None
     metrics = trainer.validate(model, _data())[0]
     assert metrics["quant/fake_quant_val_miou"] == pytest.approx(fake_quant_miou)

@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -47,6 +49,15 @@ def rebuild_optimizers(trainer: pl.Trainer) -> None:
         if last_lrs:
             for group, lr in zip(new.scheduler.optimizer.param_groups, last_lrs):
                 group["lr"] = lr
+
+
+def broadcast_from_rank_zero(tensors) -> None:
+    """Overwrite ``tensors`` on every DDP rank with rank 0's values (no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
 
 
 def rewrap_ddp(trainer: pl.Trainer) -> None:

@@ -13,7 +13,11 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from lightning_segcompress.callbacks._plumbing import install_extra_parameters, remove_extra_parameters
+from lightning_segcompress.callbacks._plumbing import (
+    broadcast_from_rank_zero,
+    install_extra_parameters,
+    remove_extra_parameters,
+)
 from lightning_segcompress.compression_state import apply_stages, get_stages
 from lightning_segcompress.distillation import (
     DistillationError,
@@ -184,11 +188,8 @@ class KnowledgeDistillation(Callback):
 
     def _sync_connectors(self) -> None:
         """Every DDP rank starts its connectors from rank 0's initial weights."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        for tensor in list(self.distiller.connectors.parameters()) + list(self.distiller.connectors.buffers()):
-            with torch.no_grad():
-                dist.broadcast(tensor.data, src=0)
+        connectors = self.distiller.connectors
+        broadcast_from_rank_zero([*connectors.parameters(), *connectors.buffers()])
 
     def _set_teacher(self, teacher: nn.Module) -> None:
         device = next(self.distiller.student.parameters()).device

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
-import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_segcompress.callbacks._plumbing import (
     announce_compression,
+    broadcast_from_rank_zero,
     install_checkpoint_restore,
     rebuild_optimizers,
     remove_checkpoint_restore,
@@ -70,6 +70,7 @@ class QuantizationAwareTraining(Callback):
     """
 
     qat = True
+    pre_int8_label = "fake_quant"  # what the model measured during fit was
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class QuantizationAwareTraining(Callback):
         self.freeze_observer_epoch = freeze_observer_epoch
         self.monitor = monitor
         self.network_attribute = network_attribute
-        self.fake_quant_metric: float | None = None
+        self.pre_int8_metric: float | None = None  # last validation ``monitor`` before conversion
 
     @property
     def state_key(self) -> str:
@@ -123,7 +124,7 @@ class QuantizationAwareTraining(Callback):
         if epoch >= self.start_epoch and self._stage(pl_module) is None:
             self.prepare(trainer, pl_module)
         network = find_network(pl_module, self.network_attribute)
-        if self._stage(pl_module) is None:
+        if quantization_stage(network) is None:
             return
         if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
             freeze_batchnorm(network)
@@ -132,9 +133,9 @@ class QuantizationAwareTraining(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(pl_module)
-        if trainer.state.fn == TrainerFn.FITTING and stage is not None and not stage["converted"]:
+        if trainer.state.fn == TrainerFn.FITTING and self._measures_model_to_convert(stage):
             value = trainer.callback_metrics.get(self.monitor)
-            self.fake_quant_metric = None if value is None else float(value)
+            self.pre_int8_metric = None if value is None else float(value)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.convert(trainer, pl_module)
@@ -150,19 +151,19 @@ class QuantizationAwareTraining(Callback):
         self.convert(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_fake_quant_metric(trainer, pl_module)
+        self._log_pre_int8_metric(trainer, pl_module)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_fake_quant_metric(trainer, pl_module)
+        self._log_pre_int8_metric(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fake_quant_metric": self.fake_quant_metric}
+        return {"pre_int8_metric": self.pre_int8_metric}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.fake_quant_metric = state_dict.get("fake_quant_metric")
+        self.pre_int8_metric = state_dict.get("pre_int8_metric")
 
     # ---- the steps -------------------------------------------------------------------------------------
 
@@ -187,25 +188,23 @@ class QuantizationAwareTraining(Callback):
         if stage is None or stage["converted"]:
             return
         prepared = find_network(pl_module, self.network_attribute)
-        _broadcast_buffers(prepared)  # every DDP rank converts rank 0's ranges, scales and BN statistics
+        # every DDP rank converts rank 0's ranges, scales and BN statistics
+        broadcast_from_rank_zero(prepared.buffers())
         converted = convert_network(prepared)
         replace_network(pl_module, network_path(pl_module, prepared), converted)
+
+    def _measures_model_to_convert(self, stage: dict | None) -> bool:
+        """Whether a validation during fit, with the network at ``stage``, measured what will become int8."""
+        return stage is not None and not stage["converted"]  # the fake-quant network
 
     def _stage(self, pl_module: pl.LightningModule) -> dict | None:
         return quantization_stage(find_network(pl_module, self.network_attribute))
 
-    def _log_fake_quant_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _log_pre_int8_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(pl_module)
         if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
-                self.fake_quant_metric is not None:
-            pl_module.log(f"quant/fake_quant_{self.monitor}", self.fake_quant_metric)
-
-
-def _broadcast_buffers(network) -> None:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for buffer in network.buffers():
-        dist.broadcast(buffer.data, src=0)
+                self.pre_int8_metric is not None:
+            pl_module.log(f"quant/{self.pre_int8_label}_{self.monitor}", self.pre_int8_metric)
 
 
 class PostTrainingQuantization(QuantizationAwareTraining):
@@ -223,6 +222,7 @@ class PostTrainingQuantization(QuantizationAwareTraining):
     """
 
     qat = False
+    pre_int8_label = "float"
 
     def __init__(self, backend: str = "fx", engine: str = "x86", calibration_batches: int = 16,
                  keep_float: list[str] | None = None, per_channel: bool = True, input_size: list[int] | None = None,
@@ -236,10 +236,8 @@ class PostTrainingQuantization(QuantizationAwareTraining):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         return  # nothing happens during training
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self._stage(pl_module) is None:
-            value = trainer.callback_metrics.get(self.monitor)  # the float model's, reported next to int8
-            self.fake_quant_metric = None if value is None else float(value)
+    def _measures_model_to_convert(self, stage: dict | None) -> bool:
+        return stage is None  # the float network, calibrated and converted at fit end
 
     def convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and self._stage(pl_module) is None:
@@ -252,9 +250,3 @@ class PostTrainingQuantization(QuantizationAwareTraining):
             used = calibrate(find_network(pl_module, self.network_attribute), images, self.calibration_batches)
             rank_zero_info(f"PostTrainingQuantization: calibrated on {used} batches.")
         super().convert(trainer, pl_module)
-
-    def _log_fake_quant_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = self._stage(pl_module)
-        if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
-                self.fake_quant_metric is not None:
-            pl_module.log(f"quant/float_{self.monitor}", self.fake_quant_metric)

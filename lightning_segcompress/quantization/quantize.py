@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import get_stages, set_stage
+from lightning_segcompress.compression_state import carry_stages, get_stages, set_stage
 from lightning_segcompress.quantization import fx_backend, pt2e_backend
 from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
 from lightning_segcompress.utils.inspection import example_input
@@ -21,17 +21,20 @@ def quantization_stage(network: nn.Module) -> dict | None:
     return stages[-1] if stages and stages[-1]["kind"] == KIND else None
 
 
+def tracing_example(network: nn.Module, config: QuantizationConfig) -> torch.Tensor:
+    """A random input of ``config.example_shape`` on the network's device."""
+    n, c, h, w = config.example_shape
+    return example_input(network, size=(h, w), batch_size=n, channels=c)
+
+
 def prepare_network(network: nn.Module, config: QuantizationConfig) -> nn.Module:
     """A traced copy of ``network`` with fake-quant modules (QAT) or observers (PTQ), sharing its parameters.
     ``network`` is left usable as it was; on failure a :class:`QuantizationError` names the module and the fix."""
     if quantization_stage(network) is not None:
         raise QuantizationError(f"{type(network).__name__} is already prepared for quantization.")
-    device = next(network.parameters()).device
-    example = example_input(network, size=tuple(config.example_shape[2:]), batch_size=config.example_shape[0],
-                            channels=config.example_shape[1]).to(device)
     backend = fx_backend.prepare_fx if config.backend == "fx" else pt2e_backend.prepare_pt2e
-    prepared = backend(network, config, example)
-    prepared.__dict__["_segcompress_stages"] = get_stages(network)
+    prepared = backend(network, config, tracing_example(network, config))
+    carry_stages(network, prepared)
     set_stage(prepared, {"kind": KIND, "config": config.as_dict(), "converted": False})
     return prepared
 
@@ -46,7 +49,7 @@ def convert_network(prepared: nn.Module) -> nn.Module:
     config = QuantizationConfig.from_dict(stage["config"])
     converted = (fx_backend.convert_fx(prepared, config) if config.backend == "fx"
                  else pt2e_backend.convert_pt2e(prepared))
-    converted.__dict__["_segcompress_stages"] = get_stages(prepared)
+    carry_stages(prepared, converted)
     set_stage(converted, {**stage, "converted": True})
     return converted
 

@@ -6,8 +6,7 @@ from torch import nn
 
 from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
 from lightning_segcompress.quantization.pt2e_backend import shape_observers
-from lightning_segcompress.quantization.quantize import convert_network, prepare_network
-from lightning_segcompress.utils.inspection import example_input
+from lightning_segcompress.quantization.quantize import convert_network, prepare_network, tracing_example
 
 
 def apply_stage(network: nn.Module, stage: dict, applied: dict | None) -> nn.Module | None:
@@ -26,7 +25,5 @@ def apply_stage(network: nn.Module, stage: dict, applied: dict | None) -> nn.Mod
         return convert_network(network) if stage["converted"] and not applied["converted"] else None
     prepared = prepare_network(network, config)
     if config.backend == "pt2e":
-        shape = config.example_shape
-        shape_observers(prepared, example_input(network, size=tuple(shape[2:]), batch_size=shape[0],
-                                                channels=shape[1]))
+        shape_observers(prepared, tracing_example(network, config))
     return convert_network(prepared) if stage["converted"] else prepared
