@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 # it changes the network in place (returns None) or returns the network that replaces it (e.g. a traced,
 # quantization-prepared GraphModule)
 _APPLIERS = {"structured_pruning": "lightning_segcompress.pruning.state:apply_stage",
-             "quantization": "lightning_segcompress.quantization.state:apply_stage"}
+             "quantization": "lightning_segcompress.quantization.state:apply_stage",
+             "shunt": "lightning_segcompress.shunt.surgery:apply_stage"}
 
 
 def get_stages(network: nn.Module) -> list[dict]:

@@ -60,6 +60,47 @@ def broadcast_from_rank_zero(tensors) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
+def average_gradients(trainer: pl.Trainer, params: list) -> None:
+    """Average the gradients of ``params`` across DDP ranks by hand: for parameters a callback trains outside
+    the DDP-wrapped module (distillation connectors, a shunt in training)."""
+    if not params or trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= trainer.world_size
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def set_ddp_gradient_sync(trainer: pl.Trainer, enabled: bool) -> None:
+    """Switch DDP's gradient reduction off while the wrapped module's parameters get no gradients (otherwise DDP
+    waits for them and fails at the next forward) and on again; what ``DistributedDataParallel.no_sync`` does,
+    for longer than one step."""
+    model = trainer.strategy.model
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+
+
+def validation_batches(trainer: pl.Trainer, count: int | None) -> list:
+    """Up to ``count`` (all if None) batches of the fit's validation data, on the module's device; [] if the
+    fit has none."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loop.setup_data()
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return []
+    batches = []
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        for batch in loader:
+            if count is not None and len(batches) >= count:
+                return batches
+            batches.append(trainer.lightning_module._apply_batch_transfer_handler(batch))
+    return batches
+
+
 def rewrap_ddp(trainer: pl.Trainer) -> None:
     """DDP keeps buckets of the old parameters: wrap the module again so gradients of the new ones sync."""
     strategy = trainer.strategy

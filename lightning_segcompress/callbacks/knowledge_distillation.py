@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from lightning_segcompress.callbacks._plumbing import (
+    average_gradients,
     broadcast_from_rank_zero,
     install_extra_parameters,
     remove_extra_parameters,
 )
-from lightning_segcompress.compression_state import apply_stages, get_stages
+from lightning_segcompress.compression_state import apply_stages
 from lightning_segcompress.distillation import (
     DistillationError,
     Distiller,
     make_connector,
     normalise_hint,
     normalise_losses,
+    restore_snapshot,
     snapshot,
+    snapshot_state,
 )
 from lightning_segcompress.distillation.distiller import connector_channels
 from lightning_segcompress.models.factory import build_network
@@ -162,9 +163,7 @@ class KnowledgeDistillation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = find_network(pl_module, self.network_attribute)
         if self._pending is not None:  # a snapshot teacher from the checkpoint being resumed
-            teacher = apply_stages(copy.deepcopy(self._template), self._pending["stages"])
-            teacher.load_state_dict(self._pending["state_dict"])
-            self._set_teacher(teacher)
+            self._set_teacher(restore_snapshot(self._template, self._pending))
             self._pending = None
         elif self.teacher == "snapshot" and self.snapshot_at == "fit_start" and not self.active:
             self._set_teacher(snapshot(student))
@@ -256,17 +255,7 @@ class KnowledgeDistillation(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # connectors live outside the DDP-wrapped module: average their gradients across ranks by hand
-        params = self._connector_parameters()
-        if not params or trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= trainer.world_size
-        offset = 0
-        for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        average_gradients(trainer, self._connector_parameters())
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
@@ -276,8 +265,7 @@ class KnowledgeDistillation(Callback):
             state["connectors"] = {key: {"channels": connector_channels(m), "state_dict": m.state_dict()}
                                    for key, m in self.distiller.connectors.items()}
             if self.teacher == "snapshot" and self.active:  # the teacher a resumed fit must distil from
-                state["snapshot"] = {"stages": get_stages(self.distiller.teacher),
-                                     "state_dict": self.distiller.teacher.state_dict()}
+                state["snapshot"] = snapshot_state(self.distiller.teacher)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -8,7 +8,9 @@ from lightning_segcompress.distillation.distiller import (
     freeze,
     normalise_hint,
     normalise_losses,
+    restore_snapshot,
     snapshot,
+    snapshot_state,
 )
 from lightning_segcompress.distillation.losses import (
     DEFAULTS,
@@ -25,5 +27,5 @@ from lightning_segcompress.distillation.losses import (
 __all__ = [
     "DEFAULTS", "LOGIT_LOSSES", "LOSSES", "Connector", "DistillationError", "Distiller", "ForwardCapture", "ace",
     "channel_wise", "feature_hint", "freeze", "make_connector", "normalise_hint", "normalise_losses",
-    "pairwise_affinity", "pixel_kl", "resolve_layer", "snapshot",
+    "pairwise_affinity", "pixel_kl", "resolve_layer", "restore_snapshot", "snapshot", "snapshot_state",
 ]

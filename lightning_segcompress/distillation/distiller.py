@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_segcompress.compression_state import apply_stages, get_stages
 from lightning_segcompress.distillation.capture import DistillationError, ForwardCapture
 from lightning_segcompress.distillation.losses import DEFAULTS, LOSSES, feature_hint, make_connector
-from lightning_segcompress.utils.inspection import extract_logits
+from lightning_segcompress.utils.inspection import copy_without_hooks, extract_logits
 
 LOGIT_LOSSES = ("pixel_kl", "cwd", "ace")
 LOSS_NAMES = tuple(LOSSES) + ("hints",)
@@ -225,15 +226,17 @@ def connector_channels(connector: nn.Module) -> tuple[int, int] | None:
 
 def snapshot(network: nn.Module) -> nn.Module:
     """A frozen copy of ``network`` (its compression state included), without the hooks attached to it."""
-    hooks = {}
-    for module in network.modules():
-        hooks[module] = (module._forward_hooks, module._forward_pre_hooks)
-    try:
-        for module in network.modules():
-            module._forward_hooks, module._forward_pre_hooks = type(module._forward_hooks)(), \
-                type(module._forward_pre_hooks)()
-        copied = copy.deepcopy(network)
-    finally:
-        for module, (post, pre) in hooks.items():
-            module._forward_hooks, module._forward_pre_hooks = post, pre
-    return freeze(copied)
+    return freeze(copy_without_hooks(network))
+
+
+def snapshot_state(teacher: nn.Module) -> dict:
+    """A snapshot teacher as plain data for a checkpoint: its compression stages and weights."""
+    return {"stages": get_stages(teacher), "state_dict": teacher.state_dict()}
+
+
+def restore_snapshot(template: nn.Module, state: dict) -> nn.Module:
+    """The frozen teacher saved by :func:`snapshot_state`, rebuilt from ``template`` (a copy of the network as
+    it was built, before any compression)."""
+    teacher = apply_stages(copy.deepcopy(template), state["stages"])
+    teacher.load_state_dict(state["state_dict"])
+    return freeze(teacher)

@@ -1,7 +1,9 @@
 from lightning_segcompress.utils.inspection import (
     ModelStats,
+    copy_without_hooks,
     count_macs,
     count_params,
+    evaluation_mode,
     example_input,
     extract_logits,
     find_classifier_layers,
@@ -12,8 +14,10 @@ from lightning_segcompress.utils.inspection import (
 
 __all__ = [
     "ModelStats",
+    "copy_without_hooks",
     "count_macs",
     "count_params",
+    "evaluation_mode",
     "example_input",
     "extract_logits",
     "find_classifier_layers",

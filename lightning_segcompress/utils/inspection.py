@@ -3,8 +3,10 @@ and the classifier layers that must never be pruned. Pure torch (a LightningModu
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -273,3 +275,29 @@ def match_module_names(network: nn.Module, patterns: Iterable[str]) -> dict[str,
             raise ValueError(f"Layer pattern {pattern!r} is neither a module name nor a valid regex: {err}") from err
         result[pattern] = [name for name in names if regex.fullmatch(name)]
     return result
+
+
+@contextlib.contextmanager
+def evaluation_mode(network: nn.Module) -> Iterator[nn.Module]:
+    """Run ``network`` in eval mode without gradients inside the block; its train/eval mode is restored after."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            yield network
+    finally:
+        network.train(was_training)
+
+
+def copy_without_hooks(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` without the forward hooks attached to it (e.g. a distiller's captures), which
+    ``copy.deepcopy`` would carry over."""
+    hooks = {module: (module._forward_hooks, module._forward_pre_hooks) for module in network.modules()}
+    try:
+        for module in network.modules():
+            module._forward_hooks, module._forward_pre_hooks = type(module._forward_hooks)(), \
+                type(module._forward_pre_hooks)()
+        return copy.deepcopy(network)
+    finally:
+        for module, (post, pre) in hooks.items():
+            module._forward_hooks, module._forward_pre_hooks = post, pre

@@ -1,0 +1,459 @@
+"""ShuntReplacement: replace a run of MobileNetV3 blocks with a small shunt, trained by distillation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from lightning_segcompress.callbacks._plumbing import (
+    announce_compression,
+    average_gradients,
+    broadcast_from_rank_zero,
+    install_checkpoint_restore,
+    rebuild_optimizers,
+    remove_checkpoint_restore,
+    rewrap_ddp,
+    run_dir,
+    set_ddp_gradient_sync,
+    validation_batches,
+)
+from lightning_segcompress.compression_state import write_to_checkpoint
+from lightning_segcompress.distillation import (
+    Distiller,
+    normalise_losses,
+    restore_snapshot,
+    snapshot,
+    snapshot_state,
+)
+from lightning_segcompress.models.segmentation_module import split_batch
+from lightning_segcompress.shunt import (
+    VARIANTS,
+    Block,
+    Shunt,
+    ShuntError,
+    ShuntPlan,
+    block_map,
+    find_backbone,
+    format_block_map,
+    knowledge_quotients,
+    miou_evaluator,
+    plan_shunt,
+    resolve_range,
+    select_range,
+    shunt_stage,
+    splice,
+)
+from lightning_segcompress.shunt.surgery import modules_before
+from lightning_segcompress.utils.inspection import (
+    count_macs,
+    count_params,
+    evaluation_mode,
+    example_input,
+    extract_logits,
+    find_network,
+)
+
+RESOURCES = ("params", "macs")
+
+
+class ShuntReplacement(Callback):
+    """Replace a run of MobileNetV3 blocks with one small shunt block (after Haas et al. 2021) within one fit.
+
+    At fit start the backbone's block map is built (shapes, strides, dilations, which block outputs the decoder
+    reads) and the range is chosen: given, or (``blocks="auto"``) the contiguous range with the lowest total
+    knowledge quotient (KQ = 1 - mIoU without the block / mIoU, measured per residual block on ``kq_batches``
+    validation batches) that meets ``target``.
+
+    Stage A (the first ``stage_a_epochs`` epochs, or ``stage_a_steps`` optimizer steps): the network is frozen
+    (eval mode, no gradients) and only the shunt trains, with its own Adam, on the MSE between its output and the
+    range's output; the module's loss is replaced by that MSE, the validation still measures the original.
+    Stage B (the rest of the fit): the shunt is spliced in, everything is unfrozen (except the layers before the
+    shunt with ``freeze_before_shunt``), the optimizers are rebuilt, and the module's loss gets a distillation
+    term from the original network (ACE with kappa 0.3 by default).
+
+    Checkpoints store the replaced blocks and the shunt's configuration as plain data: a resumed fit,
+    ``load_from_checkpoint`` and :func:`lightning_segcompress.load_compressed` splice the shunt again before the
+    weights load. A report (block map, KQ, chosen range, sizes, mIoU before and after stage A) is written to
+    ``<log dir>/shunt/shunt_report.md``.
+
+    Args:
+        blocks: ``"auto"`` or ``[first, last]`` (block indices from the block map, or block module names).
+        target: for ``"auto"``: ``{"params": fraction}`` or ``{"macs": fraction}`` of the whole network the shunt
+            must remove (net of its own size).
+        variant: shunt architecture: ``"arch1"`` (two units 192/64, up to 2 downsamples; the paper's default),
+            ``"one_block"`` (one 128-wide unit, up to 1), ``"three_blocks"`` (up to 3).
+        widths: override the variant's ``[[expanded, out], ...]`` channels per unit.
+        stage_a_epochs: epochs of shunt-only training before the splice, counted from this fit's first epoch
+            (0: splice at once).
+        stage_a_steps: or optimizer steps (overrides ``stage_a_epochs``).
+        shunt_lr: Adam learning rate of stage A.
+        freeze_before_shunt: in stage B keep everything that runs before the shunt frozen.
+        distillation: stage-B distillation losses from the original network, as for
+            :class:`KnowledgeDistillation` (``{"ace": {"kappa": 0.3}}``, ``{"pixel_kl": 1.0}``, ...); ``True`` for
+            ACE with kappa 0.3, ``False`` for none.
+        alpha: factor on the module's own loss in stage B.
+        kq_batches: validation batches for the knowledge quotients and the mIoU before/after stage A.
+        ignore_index: label ignored by the mIoU and ACE.
+        input_size: ``[H, W]`` of the example used for the block map, MACs and shape checks.
+        report_dir: where the report goes (default ``<log dir>/shunt``).
+        network_attribute: attribute path of the network in the LightningModule (default: found).
+
+    Example::
+
+        trainer = Trainer(max_epochs=12, callbacks=[
+            ShuntReplacement(blocks="auto", target={"params": 0.25}, stage_a_epochs=3),
+            DeviceBenchmark(runtimes=["torchscript_lite", "executorch"])])
+    """
+
+    def __init__(
+        self,
+        blocks: str | list[int | str] = "auto",
+        target: dict[str, float] | None = None,
+        variant: str = "arch1",
+        widths: list[list[int]] | None = None,
+        stage_a_epochs: int = 1,
+        stage_a_steps: int | None = None,
+        shunt_lr: float = 1e-3,
+        freeze_before_shunt: bool = False,
+        distillation: bool | dict[str, Any] = True,
+        alpha: float = 1.0,
+        kq_batches: int = 8,
+        ignore_index: int = 255,
+        input_size: list[int] | None = None,
+        report_dir: str | None = None,
+        network_attribute: str | None = None,
+    ) -> None:
+        if blocks != "auto" and not (isinstance(blocks, Sequence) and not isinstance(blocks, str)
+                                     and len(blocks) == 2):
+            raise ValueError(f"blocks is 'auto' or [first, last] (indices or names), got {blocks!r}.")
+        if blocks == "auto":
+            if not isinstance(target, Mapping) or len(target) != 1 or next(iter(target)) not in RESOURCES:
+                raise ValueError(f"blocks='auto' needs target={{params: fraction}} or {{macs: fraction}}, got "
+                                 f"{target!r}.")
+            if not 0 < next(iter(target.values())) < 1:
+                raise ValueError(f"the target fraction must be in (0, 1), got {target!r}.")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}.")
+        if stage_a_epochs < 0 or (stage_a_steps is not None and stage_a_steps < 0):
+            raise ValueError("stage_a_epochs and stage_a_steps must be >= 0.")
+        if shunt_lr <= 0 or alpha < 0 or kq_batches <= 0:
+            raise ValueError("shunt_lr and kq_batches must be positive and alpha >= 0.")
+        if input_size is not None and len(input_size) != 2:
+            raise ValueError(f"input_size is [H, W], got {input_size}.")
+        if distillation is True:
+            distillation = {"ace": {}}
+        self.losses = normalise_losses(distillation) if distillation else {}
+        self.blocks = blocks if blocks == "auto" else list(blocks)
+        self.target = dict(target) if target else None
+        self.variant = variant
+        self.widths = widths
+        self.stage_a_epochs = stage_a_epochs
+        self.stage_a_steps = stage_a_steps
+        self.shunt_lr = shunt_lr
+        self.freeze_before_shunt = freeze_before_shunt
+        self.alpha = alpha
+        self.kq_batches = kq_batches
+        self.ignore_index = ignore_index
+        self.input_size = list(input_size or [64, 64])
+        self.report_dir = report_dir
+        self.network_attribute = network_attribute
+
+        self.phase = "A"  # "A": training the shunt, "B": spliced
+        self.plan: ShuntPlan | None = None
+        self.block_map: list[Block] = []
+        self.quotients: dict[str, float] | None = None
+        self.scores: dict[str, float] = {}  # original / after stage A mIoU on the evaluation batches
+        self.shunt: Shunt | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.distiller: Distiller | None = None
+        self._template: nn.Module | None = None
+        self._pending: dict[str, Any] = {}
+        self._capture: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._frozen: list[nn.Parameter] = []
+        self._kept_frozen: list[str] = []
+        self._evaluate = None  # mIoU on the evaluation batches
+        self.started: dict[str, int] | None = None  # epoch and step at which stage A began
+        self._evaluated_batches = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(blocks=str(self.blocks), variant=self.variant)
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        install_checkpoint_restore(pl_module)
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ShuntError(f"{type(pl_module).__name__} uses manual optimization; ShuntReplacement replaces the "
+                             "training loss in stage A and needs automatic optimization.")
+        network = find_network(pl_module, self.network_attribute)
+        if shunt_stage(network) is None:
+            self._check_network(network)
+        if self.losses:
+            self._template = snapshot(network)  # the network as built, to rebuild a resumed teacher
+        self._wrap_training_step(pl_module)
+
+    def _check_network(self, network: nn.Module) -> None:
+        """Block map and (for a given range) the plan: unsupported backbones and bad ranges fail at fit start."""
+        find_backbone(network)
+        example = example_input(network, size=tuple(self.input_size))
+        self.block_map = block_map(network, example)
+        if self.blocks != "auto" and self.plan is None:
+            self.plan = plan_shunt(resolve_range(self.block_map, *self.blocks), self.variant, self.widths)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_checkpoint_restore(pl_module)
+        if stage == "fit":
+            self._remove_hooks()
+            if self.distiller is not None:
+                self.distiller.detach()
+            pl_module.__dict__.pop("training_step", None)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        network = find_network(pl_module, self.network_attribute)
+        if shunt_stage(network) is not None:  # resumed after the splice, or the network came shunted
+            self.phase = "B"
+            if "teacher" in self._pending and self._template is not None:
+                self._start_distillation(network, restore_snapshot(self._template, self._pending.pop("teacher")))
+            elif self.losses:
+                rank_zero_info("ShuntReplacement: the network is already shunted and the checkpoint holds no original "
+                               "network to distil from; fine-tuning without distillation.")
+            self._apply_freeze_before(network)
+            return
+        evaluate = None
+        batches = [split_batch(b) for b in validation_batches(trainer, self.kq_batches)]
+        batches = [(images, masks) for images, masks in batches if masks is not None]
+        if batches:
+            with evaluation_mode(network):
+                classes = extract_logits(network(batches[0][0][:1])).shape[1]
+            evaluate = miou_evaluator(batches, classes, self.ignore_index)
+            self._evaluated_batches = len(batches)
+        if "original_miou" not in self.scores and evaluate is not None:
+            self.scores["original_miou"] = evaluate(network)
+        if self.plan is None:
+            self.plan = self._select(trainer, network, evaluate)
+        if self.started is None:  # stage A counts from this fit's start (it may continue a trained checkpoint)
+            self.started = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        self._evaluate = evaluate
+        self._begin_stage_a(trainer, pl_module, network)
+
+    def _select(self, trainer: pl.Trainer, network: nn.Module, evaluate) -> ShuntPlan:
+        if evaluate is None:
+            raise ShuntError("blocks='auto' ranks blocks by their knowledge quotient on validation data, but the fit "
+                             "has no validation batches with labels; give the range, e.g. blocks: [5, 10].")
+        self.quotients = knowledge_quotients(network, self.block_map, evaluate, self.scores.get("original_miou"))
+        example = example_input(network, size=tuple(self.input_size))
+        totals = {"params": count_params(network), "macs": count_macs(network, example)}
+        plan = select_range(self.block_map, self.quotients, self.target, totals, self.variant, self.widths)
+        # every rank must replace the same range (ranks measured KQ on different validation batches)
+        names = trainer.strategy.broadcast(plan.names, src=0)
+        if names != plan.names:
+            plan = plan_shunt(resolve_range(self.block_map, names[0], names[-1]), self.variant, self.widths)
+        rank_zero_info(f"ShuntReplacement: chose {plan.describe()} (KQ "
+                       f"{sum(self.quotients.get(n, 0.0) for n in plan.names):.4f}).")
+        return plan
+
+    # ---- stage A ---------------------------------------------------------------------------------------------
+
+    def _begin_stage_a(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        device = next(network.parameters()).device
+        if self.shunt is None:
+            self.shunt = Shunt(self.plan.config).to(device)
+            broadcast_from_rank_zero([*self.shunt.parameters(), *self.shunt.buffers()])
+            self.optimizer = torch.optim.Adam(self.shunt.parameters(), lr=self.shunt_lr)
+            if "shunt" in self._pending:
+                self.shunt.load_state_dict(self._pending.pop("shunt"))
+                self.optimizer.load_state_dict(self._pending.pop("shunt_optimizer"))
+        if self._stage_a_over(trainer):
+            return  # spliced at the first training epoch
+        self._frozen = [p for p in network.parameters() if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
+        set_ddp_gradient_sync(trainer, False)
+        first, last = network.get_submodule(self.plan.names[0]), network.get_submodule(self.plan.names[-1])
+        self._handles = [
+            first.register_forward_pre_hook(lambda module, inputs: self._capture.__setitem__("input", inputs[0])),
+            last.register_forward_hook(lambda module, inputs, output: self._capture.__setitem__("output", output))]
+
+    def _stage_a_over(self, trainer: pl.Trainer) -> bool:
+        if self.stage_a_steps is not None:
+            return trainer.global_step >= self.started["step"] + self.stage_a_steps
+        return trainer.current_epoch >= self.started["epoch"] + self.stage_a_epochs
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == "A" and self._stage_a_over(trainer):
+            self.splice(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.phase == "A" and self._stage_a_over(trainer):
+            self.splice(trainer, pl_module)
+        network = find_network(pl_module, self.network_attribute)
+        if self.phase == "A":
+            network.eval()  # the original is frozen, BN statistics included
+            self.shunt.train()
+        else:
+            for name in self._kept_frozen:
+                network.get_submodule(name).eval()
+
+    def _stage_a_loss(self) -> torch.Tensor:
+        if "input" not in self._capture or "output" not in self._capture:
+            raise ShuntError(f"blocks {self.plan.names[0]} .. {self.plan.names[-1]} did not run in training_step, so "
+                             "the shunt has nothing to learn from: training_step must call the network.")
+        source, target = self._capture.pop("input").detach(), self._capture.pop("output").detach()
+        return F.mse_loss(self.shunt(source), target)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self.phase != "A" or optimizer is not trainer.optimizers[0]:
+            return
+        params = list(self.shunt.parameters())
+        average_gradients(trainer, params)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._capture.clear()
+
+    # ---- the splice and stage B ------------------------------------------------------------------------------
+
+    def splice(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put the shunt in place of the range, unfreeze, start distilling from the original network."""
+        network = find_network(pl_module, self.network_attribute)
+        self._remove_hooks()
+        announce_compression(trainer, pl_module, "before")
+        teacher = snapshot(network) if self.losses else None
+        for p in self._frozen:
+            p.requires_grad_(True)
+        try:
+            splice(network, self.plan.names, self.shunt)
+        except Exception:
+            for p in self._frozen:
+                p.requires_grad_(False)
+            raise
+        self._frozen = []
+        self.phase = "B"
+        self.shunt.train(network.training)
+        if self._evaluate is not None:
+            self.scores["stage_a_miou"] = self._evaluate(network)
+        self._apply_freeze_before(network)
+        announce_compression(trainer, pl_module, "after")
+        rebuild_optimizers(trainer)
+        set_ddp_gradient_sync(trainer, True)
+        rewrap_ddp(trainer)
+        if teacher is not None:
+            self._start_distillation(network, teacher)
+        self.shunt, self.optimizer = None, None
+        rank_zero_info(f"ShuntReplacement: spliced a shunt in place of {self.plan.describe()} at epoch "
+                       f"{trainer.current_epoch}; params removed {self.plan.params_removed:,}, MACs removed "
+                       f"{self.plan.macs_removed:,}.")
+        if trainer.is_global_zero:
+            self.write_report(trainer, network)
+
+    def _apply_freeze_before(self, network: nn.Module) -> None:
+        if not self.freeze_before_shunt:
+            return
+        stage = shunt_stage(network)
+        example = example_input(network, size=tuple(self.input_size))
+        self._kept_frozen = modules_before(network, stage["blocks"][0], example)
+        for name in self._kept_frozen:
+            for p in network.get_submodule(name).parameters(recurse=False):
+                p.requires_grad_(False)
+
+    def _start_distillation(self, network: nn.Module, teacher: nn.Module) -> None:
+        device = next(network.parameters()).device
+        self.distiller = Distiller(network, teacher.to(device), self.losses, ignore_index=self.ignore_index)
+        self.distiller.attach()
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+
+        def training_step(*args, **kwargs):
+            output = original(*args, **kwargs)
+            if output is None:
+                return output
+            if self.phase == "A":
+                loss = self._stage_a_loss()
+                pl_module.log("shunt/stage_a_mse", loss.detach(), on_step=True, on_epoch=True)
+            elif self.distiller is not None:
+                batch = args[0] if args else kwargs.get("batch")
+                labels = split_batch(batch)[1] if batch is not None else None
+                distillation, terms = self.distiller.compute(labels)
+                for name, value in terms.items():
+                    pl_module.log(f"shunt/kd_{name}", value.detach(), on_step=True, on_epoch=True)
+                loss = self.alpha * _loss_of(output, pl_module) + distillation
+            else:
+                return output
+            return {**output, "loss": loss} if isinstance(output, Mapping) else loss
+
+        pl_module.training_step = training_step
+
+    # ---- report and checkpoints ------------------------------------------------------------------------------
+
+    def write_report(self, trainer: pl.Trainer, network: nn.Module) -> None:
+        folder = run_dir(trainer, "shunt", self.report_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        plan = self.plan
+        lines = ["# Shunt replacement", "",
+                 f"Replaced {plan.describe()} with a {self.variant!r} shunt: "
+                 f"{plan.params_removed:,} parameters and {plan.macs_removed:,} MACs removed "
+                 f"(at input {self.input_size}); network now {count_params(network):,} parameters.", "",
+                 f"Shunt units: {plan.config['units']}", ""]
+        if self.quotients is not None:
+            lines += [f"Range chosen automatically for target {self.target}, total KQ "
+                      f"{sum(self.quotients.get(n, 0.0) for n in plan.names):.4f}.", ""]
+        for key, label in (("original_miou", "original"), ("stage_a_miou", "after stage A (shunt spliced in)")):
+            if key in self.scores:
+                lines.append(f"- mIoU {label}: {self.scores[key]:.4f} (on {self._evaluated_batches} validation "
+                             "batches)")
+        lines += ["", "## Block map", "", format_block_map(self.block_map, self.quotients), ""]
+        (folder / "shunt_report.md").write_text("\n".join(lines))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"phase": self.phase, "started": self.started, "scores": dict(self.scores),
+                                 "quotients": self.quotients,
+                                 "block_map": [b.as_dict() for b in self.block_map]}
+        if self.plan is not None:
+            state["plan"] = self.plan.names
+        if self.shunt is not None:
+            state["shunt"] = self.shunt.state_dict()
+            state["shunt_optimizer"] = self.optimizer.state_dict()
+        if self.distiller is not None:
+            state["teacher"] = snapshot_state(self.distiller.teacher)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.phase = state_dict.get("phase", "A")
+        self.started = state_dict.get("started")
+        self.scores = dict(state_dict.get("scores", {}))
+        self.quotients = state_dict.get("quotients")
+        self.block_map = [Block(**{**b, "in_shape": tuple(b["in_shape"]), "out_shape": tuple(b["out_shape"])})
+                          for b in state_dict.get("block_map", [])]
+        if "plan" in state_dict and self.block_map:
+            names = state_dict["plan"]
+            self.plan = plan_shunt(resolve_range(self.block_map, names[0], names[-1]), self.variant, self.widths)
+        self._pending = {k: state_dict[k] for k in ("shunt", "shunt_optimizer", "teacher") if k in state_dict}
+
+
+def _loss_of(output: Any, pl_module: pl.LightningModule) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "loss" in output:
+        return output["loss"]
+    raise TypeError(f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; ShuntReplacement "
+                    "needs a loss tensor or a dict with 'loss'.")

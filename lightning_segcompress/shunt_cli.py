@@ -1,0 +1,84 @@
+"""``segcompress-shunt``: the block map and knowledge quotients of a model's MobileNetV3 backbone, and the range
+a shunt would replace for a target, without training."""
+
+from __future__ import annotations
+
+import os
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import CLI
+
+from lightning_segcompress.benchmark_cli import load_network
+from lightning_segcompress.models.factory import resolve_class_path
+from lightning_segcompress.models.segmentation_module import split_batch
+from lightning_segcompress.shunt import block_map, format_block_map, knowledge_quotients, miou_evaluator, select_range
+from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
+
+SYNTHETIC = "lightning_segcompress.SyntheticScenesDataModule"
+
+
+def shunt_report(
+    checkpoint: str | None = None,
+    network: dict[str, Any] | None = None,
+    model_class: str = "lightning_segcompress.SegmentationModule",
+    network_attribute: str | None = None,
+    num_classes: int | None = 6,
+    data: dict[str, Any] | None = None,
+    batches: int = 8,
+    input_size: list[int] = (64, 64),
+    target: dict[str, float] | None = None,
+    variant: str = "arch1",
+    output: str | None = None,
+) -> str:
+    """Print the block map with each residual block's knowledge quotient on validation data.
+
+    Args:
+        checkpoint: Lightning checkpoint of ``model_class`` (compressed ones too).
+        network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
+        model_class: LightningModule class of the checkpoint.
+        network_attribute: attribute path of the network in that module (default: found automatically).
+        num_classes: classes for network specs that take ``classes``/``num_classes``.
+        data: a LightningDataModule spec for the validation batches (default: SyntheticScenesDataModule with
+            ``num_classes``).
+        batches: validation batches to evaluate.
+        input_size: ``[H, W]`` of the example used for shapes and MACs.
+        target: also show the range ``blocks: auto`` would choose, e.g. ``{"params": 0.25}``.
+        variant: shunt variant for the choice.
+        output: also write the report to this Markdown file.
+    """
+    net = load_network(checkpoint, network, model_class, num_classes, network_attribute).eval()
+    spec = data or {"class_path": SYNTHETIC, "init_args": {"num_classes": num_classes}}
+    datamodule = resolve_class_path(spec["class_path"])(**spec.get("init_args", {}))
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    pairs = [split_batch(b) for b in islice(datamodule.val_dataloader(), batches)]
+    example = torch.zeros(1, 3, *input_size)
+    classes = extract_logits(net(example)).shape[1]
+    evaluate = miou_evaluator(pairs, classes)
+    blocks = block_map(net, example)
+    full = evaluate(net)
+    quotients = knowledge_quotients(net, blocks, evaluate, full)
+    lines = [f"mIoU on {len(pairs)} validation batches: {full:.4f}", "", format_block_map(blocks, quotients)]
+    if target:
+        totals = {"params": count_params(net), "macs": count_macs(net, example)}
+        plan = select_range(blocks, quotients, target, totals, variant)
+        lines += ["", f"blocks: auto with target {target} replaces {plan.describe()}: {plan.params_removed:,} params "
+                      f"({plan.params_removed / totals['params']:.1%}) and {plan.macs_removed:,} MACs "
+                      f"({plan.macs_removed / totals['macs']:.1%}) removed."]
+    report = "\n".join(lines)
+    print(report)
+    if output:
+        Path(output).write_text(report + "\n")
+    return report
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    CLI(shunt_report, args=args)
+
+
+if __name__ == "__main__":
+    main()
