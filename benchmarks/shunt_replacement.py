@@ -26,14 +26,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from _results import write_results  # noqa: E402
+from _training import fit  # noqa: E402
 
-from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network  # noqa: E402
 from lightning_segcompress.callbacks import ShuntReplacement  # noqa: E402
 
+# torchvision's MobileNetV3 uses BN momentum 0.01: after a few hundred steps its running statistics still lag so far
+# behind that eval-mode mIoU stays at chance (0.09 vs 0.48 in train mode after 3 epochs)
+BN_MOMENTUM = 0.1
 MODELS = {
     "DeepLabV3+ (mnv3-large)": {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
                                 "init_args": {"encoder_name": "tu-mobilenetv3_large_100"}},
@@ -63,29 +65,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def data(args) -> SyntheticScenesDataModule:
-    return SyntheticScenesDataModule(num_classes=args.classes, image_size=(args.size, args.size),
-                                     num_train=args.num_train, num_val=args.num_val, num_test=args.num_val,
-                                     batch_size=args.batch_size, seed=0)
-
-
-def fit(args, network: dict, epochs: int, seed: int, lr: float, root: Path, callbacks=(), weights=None):
-    pl.seed_everything(seed, verbose=False)
-    model = SegmentationModule(network, num_classes=args.classes, lr=lr)
-    for module in model.modules():
-        # torchvision's MobileNetV3 uses BN momentum 0.01: after a few hundred steps its running statistics still
-        # lag so far behind that eval-mode mIoU stays at chance (0.09 vs 0.48 in train mode after 3 epochs)
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 0.1
-    if weights is not None:
-        model.load_state_dict(weights)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                         callbacks=list(callbacks))
-    trainer.fit(model, data(args))
-    return float(trainer.callback_metrics["val_miou"]), model
-
-
 def measure(network, args, folder: Path) -> dict:
     settings = BenchmarkSettings(input_shape=(1, 3, args.bench_size, args.bench_size),
                                  runtimes=("torchscript_lite", "executorch"), threads=args.threads, warmup=3,
@@ -108,17 +87,20 @@ def main() -> None:
         root = Path(tmp)
         for label in args.models:
             spec = MODELS[label]
-            original_miou, original = fit(args, spec, args.epochs, 100, args.lr, root / "original")
+            original_miou, original = fit(args, spec, args.epochs, 100, args.lr, root / "original",
+                                          bn_momentum=BN_MOMENTUM)
             weights = {k: v.clone() for k, v in original.state_dict().items()}
             extra = args.stage_a_epochs + args.stage_b_epochs
-            control_miou, _ = fit(args, spec, extra, 0, args.finetune_lr, root / "control", weights=weights)
+            control_miou, _ = fit(args, spec, extra, 0, args.finetune_lr, root / "control", weights=weights,
+                                 bn_momentum=BN_MOMENTUM)
             print(f"{label}: original {original_miou:.4f}, +{extra} epochs without shunt {control_miou:.4f}",
                   flush=True)
             runs = []
             for seed in args.seeds:
                 cb = ShuntReplacement(blocks="auto", target={"params": args.target}, stage_a_epochs=args.stage_a_epochs,
                                       kq_batches=args.num_val // args.batch_size, input_size=[args.size, args.size])
-                miou, shunted = fit(args, spec, extra, seed, args.finetune_lr, root / f"shunt-{seed}", [cb], weights)
+                miou, shunted = fit(args, spec, extra, seed, args.finetune_lr, root / f"shunt-{seed}", [cb], weights,
+                                    BN_MOMENTUM)
                 runs.append({"seed": seed, "range": cb.plan.describe(), "stage_a_miou": cb.scores["stage_a_miou"],
                              "original_on_kq_batches": cb.scores["original_miou"], "stage_b_miou": miou,
                              "quotients": cb.quotients, "net": shunted.net})

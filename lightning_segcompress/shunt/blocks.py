@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, output_tensors
+from lightning_segcompress.utils.inspection import (
+    count_macs,
+    count_params,
+    evaluation_mode,
+    forward_with_hooks,
+    output_tensors,
+)
 
 
 class ShuntError(ValueError):
@@ -103,12 +109,7 @@ def block_map(network: nn.Module, example: torch.Tensor) -> list[Block]:
     modules = dict(network.named_modules())
     shapes: dict[str, tuple] = {}
     handles = [modules[name].register_forward_hook(_record_shapes(name, shapes)) for name in backbone.blocks]
-    try:
-        with evaluation_mode(network):
-            network(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(network, example, handles)
     read = decoder_taps(network, backbone, example)
     blocks = []
     for index, name in enumerate(backbone.blocks):

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_segcompress.compression_state import get_stages, set_stage
 from lightning_segcompress.shunt.architecture import Shunt, downsamples_between, shunt_config
 from lightning_segcompress.shunt.blocks import Block, ShuntError
-from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode
+from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, forward_with_hooks
 
 STAGE_KIND = "shunt"
 
@@ -162,10 +162,5 @@ def modules_before(network: nn.Module, name: str, example: torch.Tensor) -> list
     for module_name, module in network.named_modules():
         if id(module) not in inside and any(True for _ in module.parameters(recurse=False)):
             handles.append(module.register_forward_pre_hook(make_hook(module_name)))
-    try:
-        with evaluation_mode(network):
-            network(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(network, example, handles)
     return order

@@ -301,3 +301,14 @@ def copy_without_hooks(network: nn.Module) -> nn.Module:
     finally:
         for module, (post, pre) in hooks.items():
             module._forward_hooks, module._forward_pre_hooks = post, pre
+
+
+def forward_with_hooks(network: nn.Module, example: torch.Tensor, handles: list) -> object:
+    """One eval-mode, no-gradient forward of ``network`` on ``example`` for the hooks behind ``handles``, which
+    are removed afterwards (also when the forward fails). Returns the output."""
+    try:
+        with evaluation_mode(network):
+            return network(example)
+    finally:
+        for handle in handles:
+            handle.remove()

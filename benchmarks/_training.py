@@ -1,0 +1,36 @@
+"""Training helpers shared by the benchmark scripts: SyntheticScenes from the common arguments and one fit of
+the reference SegmentationModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule
+
+
+def synthetic_data(args) -> SyntheticScenesDataModule:
+    """``--size``, ``--classes``, ``--num_train``, ``--num_val``, ``--batch_size``; always the same scenes."""
+    return SyntheticScenesDataModule(num_classes=args.classes, image_size=(args.size, args.size),
+                                     num_train=args.num_train, num_val=args.num_val, num_test=args.num_val,
+                                     batch_size=args.batch_size, seed=0)
+
+
+def fit(args, spec: dict, epochs: int, seed: int, lr: float, root: Path, callbacks=(), weights=None,
+        bn_momentum: float | None = None) -> tuple[float, SegmentationModule]:
+    """Train ``spec`` (from ``weights`` if given) for ``epochs``; returns the final val mIoU and the module."""
+    pl.seed_everything(seed, verbose=False)
+    model = SegmentationModule(spec, num_classes=args.classes, lr=lr)
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
+    if weights is not None:
+        model.load_state_dict(weights)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                         callbacks=list(callbacks))
+    trainer.fit(model, synthetic_data(args))
+    return float(trainer.callback_metrics["val_miou"]), model
