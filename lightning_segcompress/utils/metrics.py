@@ -24,7 +24,9 @@ def miou_evaluator(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_cla
 
     def evaluate(network: nn.Module) -> float:
         device = next(network.parameters()).device
-        metric = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index).to(device)
+        # local to this process: callers decide on one rank (or on each) and broadcast, never sync mid-decision
+        metric = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index,
+                                        sync_on_compute=False).to(device)
         with evaluation_mode(network):
             for images, masks in batches:
                 images, masks = images.to(device), masks.to(device)
