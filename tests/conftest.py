@@ -42,3 +42,20 @@ def trainer_kwargs(tmp_path, **overrides):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def run_ddp_script(name: str, tmp_path, timeout: int = 240) -> list[dict]:
+    """Run ``tests/scripts/<name>`` (a 2-process CPU DDP fit that writes ``rank{r}.json`` into its argument
+    folder) in a fresh process and return what both ranks wrote."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "scripts" / name
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from conftest import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, trainer_kwargs
+from conftest import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, run_ddp_script, trainer_kwargs
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule
 from lightning_segcompress.callbacks import KnowledgeDistillation, StructuredPruning
 from lightning_segcompress.compression_state import write_to_checkpoint
@@ -268,19 +268,7 @@ def test_errors_at_fit_start_name_the_cause(tmp_path, kwargs, message):
 
 @pytest.mark.slow
 def test_ddp_ranks_distil_identically(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent / "scripts" / "ddp_distillation.py"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=240, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = run_ddp_script("ddp_distillation.py", tmp_path)
     assert rank0["world_size"] == 2 and rank0["kd_logged"] and rank1["kd_logged"]
     assert rank0["student_widths"] == rank1["student_widths"]
     assert rank0["connector_shape"] == rank1["connector_shape"] and rank0["connector_shape"][0] == 64

@@ -10,7 +10,7 @@ import yaml
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from conftest import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, trainer_kwargs
+from conftest import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, run_ddp_script, trainer_kwargs
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule
 from lightning_segcompress.callbacks import DeviceBenchmark, ShuntReplacement
 from lightning_segcompress.models import build_network
@@ -258,16 +258,7 @@ def test_resumed_stage_b_distils_from_the_checkpointed_original(two_stage_run, t
 
 @pytest.mark.slow
 def test_ddp_ranks_replace_the_same_blocks_and_stay_identical(tmp_path):
-    import json
-    import os
-
-    script = REPO / "tests" / "scripts" / "ddp_shunt.py"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=240, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = run_ddp_script("ddp_shunt.py", tmp_path)
     assert rank0["world_size"] == 2 and rank0["phase"] == rank1["phase"] == "B"
     assert rank0["blocks"] == rank1["blocks"] and rank0["kd_logged"] and rank1["kd_logged"]
     for key in ("stage_a_shunt", "network", "teacher"):

@@ -8,7 +8,7 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from conftest import SMP_UNET, trainer_kwargs
+from conftest import SMP_UNET, run_ddp_script, trainer_kwargs
 from lightning_segcompress import SyntheticScenesDataModule, load_compressed
 from lightning_segcompress.callbacks import PostPruning, SparsityRegularization, StructuredPruning
 from lightning_segcompress.pruning import layer_widths
@@ -278,19 +278,7 @@ def test_errors_name_the_cause(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_apply_the_same_penalties_and_keep_the_same_groups(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent / "scripts" / "ddp_sparsity.py"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=240, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = run_ddp_script("ddp_sparsity.py", tmp_path)
     assert rank0["world_size"] == 2 and rank0["widths"] == rank1["widths"]
     assert rank0["post_steps"] == rank1["post_steps"] and len(rank0["post_steps"]) == 1
     assert rank0["strengths"] == rank1["strengths"] and rank0["strengths"]
