@@ -17,6 +17,16 @@ from torch.optim.lr_scheduler import LRScheduler
 from lightning_segcompress.compression_state import restore_from_checkpoint
 
 
+def checked_input_size(input_size, default: list[int] | None = (64, 64)) -> list[int] | None:
+    """The ``[H, W]`` a callback builds its example input with (``default`` when not given); refuses anything
+    else at construction."""
+    if input_size is None:
+        return None if default is None else list(default)
+    if len(input_size) != 2:
+        raise ValueError(f"input_size is [H, W], got {input_size}.")
+    return list(input_size)
+
+
 def run_dir(trainer: pl.Trainer, name: str, override: str | None = None) -> Path:
     """``override`` if given, else ``<trainer.log_dir or default_root_dir>/<name>``."""
     if override:

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_segcompress.callbacks._plumbing import (
     average_gradients,
     broadcast_from_rank_zero,
+    checked_input_size,
     install_extra_parameters,
     remove_extra_parameters,
 )
@@ -105,8 +106,6 @@ class KnowledgeDistillation(Callback):
             raise ValueError(f"teacher_checkpoint {teacher_checkpoint!r} does not exist.")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}.")
-        if input_size is not None and len(input_size) != 2:
-            raise ValueError(f"input_size is [H, W], got {input_size}.")
         if losses is None and not hints:
             losses = {"pixel_kl": {}}
         self.losses = normalise_losses(losses) if losses else {}
@@ -119,7 +118,7 @@ class KnowledgeDistillation(Callback):
         self.alpha = alpha
         self.ignore_index = ignore_index
         self.teacher_autocast = teacher_autocast
-        self.input_size = list(input_size or [64, 64])
+        self.input_size = checked_input_size(input_size)
         self.network_attribute = network_attribute
         self.distiller: Distiller | None = None
         self.active = False  # False until a snapshot teacher exists

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_segcompress.callbacks._plumbing import run_dir, validation_batches
+from lightning_segcompress.callbacks._plumbing import checked_input_size, run_dir, validation_batches
 from lightning_segcompress.models.segmentation_module import split_batch
 from lightning_segcompress.pruning.graph import PruningError
 from lightning_segcompress.pruning.post_pruning import group_costs, snapshot_network, take_back
@@ -52,12 +52,10 @@ class PostPruning(Callback):
                              f"{tolerance}.")
         if eval_batches < 1:
             raise ValueError(f"eval_batches must be >= 1, got {eval_batches}.")
-        if input_size is not None and len(input_size) != 2:
-            raise ValueError(f"input_size is [H, W], got {input_size}.")
         self.tolerance = tolerance
         self.eval_batches = eval_batches
         self.ignore_index = ignore_index
-        self.input_size = list(input_size or [64, 64])
+        self.input_size = checked_input_size(input_size)
         self.report_dir = report_dir
         self.network_attribute = network_attribute
         self.steps: list[dict] = []  # per pruning step: baseline score and each group's cost and fate

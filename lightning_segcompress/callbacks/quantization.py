@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_segcompress.callbacks._plumbing import (
     announce_compression,
     broadcast_from_rank_zero,
+    checked_input_size,
     install_checkpoint_restore,
     rebuild_optimizers,
     remove_checkpoint_restore,
@@ -85,9 +86,7 @@ class QuantizationAwareTraining(Callback):
         monitor: str = "val_miou",
         network_attribute: str | None = None,
     ) -> None:
-        input_size = list(input_size or [64, 64])
-        if len(input_size) != 2:
-            raise ValueError(f"input_size is [H, W], got {input_size}.")
+        input_size = checked_input_size(input_size)
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}.")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):

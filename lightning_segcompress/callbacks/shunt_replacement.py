@@ -16,6 +16,7 @@ from lightning_segcompress.callbacks._plumbing import (
     announce_compression,
     average_gradients,
     broadcast_from_rank_zero,
+    checked_input_size,
     install_checkpoint_restore,
     rebuild_optimizers,
     remove_checkpoint_restore,
@@ -145,8 +146,6 @@ class ShuntReplacement(Callback):
             raise ValueError("stage_a_epochs and stage_a_steps must be >= 0.")
         if shunt_lr <= 0 or alpha < 0 or kq_batches <= 0:
             raise ValueError("shunt_lr and kq_batches must be positive and alpha >= 0.")
-        if input_size is not None and len(input_size) != 2:
-            raise ValueError(f"input_size is [H, W], got {input_size}.")
         if distillation is True:
             distillation = {"ace": {}}
         self.losses = normalise_losses(distillation) if distillation else {}
@@ -161,7 +160,7 @@ class ShuntReplacement(Callback):
         self.alpha = alpha
         self.kq_batches = kq_batches
         self.ignore_index = ignore_index
-        self.input_size = list(input_size or [64, 64])
+        self.input_size = checked_input_size(input_size)
         self.report_dir = report_dir
         self.network_attribute = network_attribute
 

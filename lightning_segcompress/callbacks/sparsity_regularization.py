@@ -10,6 +10,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
+from lightning_segcompress.callbacks._plumbing import checked_input_size
 from lightning_segcompress.sparsity import (
     METHODS,
     SparsityError,
@@ -92,8 +93,6 @@ class SparsityRegularization(Callback):
             raise ValueError("update_every and affinity_size must be >= 1.")
         if budget_resource not in ("macs", "params"):
             raise ValueError(f"budget_resource must be 'macs' or 'params', got {budget_resource!r}.")
-        if input_size is not None and len(input_size) != 2:
-            raise ValueError(f"input_size is [H, W], got {input_size}.")
         self.method = method
         self.strength = strength
         self.start_epoch = start_epoch
@@ -103,7 +102,7 @@ class SparsityRegularization(Callback):
         self.budget_resource = budget_resource
         self.ignored_patterns = list(ignored_layers or [])
         self.eps = eps
-        self.input_size = list(input_size or [64, 64])
+        self.input_size = checked_input_size(input_size)
         self.network_attribute = network_attribute
         self.strengths: dict[str, torch.Tensor] = {}
         self._layers: dict[str, nn.Module] = {}

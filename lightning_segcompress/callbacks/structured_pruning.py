@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_segcompress.callbacks._plumbing import (
     announce_compression,
+    checked_input_size,
     install_checkpoint_restore,
     rebuild_optimizers,
     remove_checkpoint_restore,
@@ -130,8 +131,6 @@ class StructuredPruning(Callback):
             raise ValueError(f"tolerance is relative to amount and must be in (0, 1), got {tolerance}.")
         if taylor_batches < 1:
             raise ValueError(f"taylor_batches must be >= 1, got {taylor_batches}.")
-        if input_size is not None and len(input_size) != 2:
-            raise ValueError(f"input_size is [H, W], got {input_size}.")
         if on_failure not in ("raise", "skip"):
             raise ValueError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}.")
         if isinstance(ignored_layers, str):
@@ -145,7 +144,7 @@ class StructuredPruning(Callback):
         self.max_layer_fraction = max_layer_fraction
         self.tolerance = tolerance
         self.taylor_batches = taylor_batches
-        self.input_size = list(input_size) if input_size else None
+        self.input_size = checked_input_size(input_size, default=None)
         self.on_failure = on_failure
         self.network_attribute = network_attribute
         self.output_dir = output_dir
