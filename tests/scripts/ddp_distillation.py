@@ -8,7 +8,6 @@ equal across ranks if their initial weights are broadcast and their gradients av
 """
 
 import faulthandler
-import json
 import os
 import sys
 
@@ -16,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _ddp_helpers import RankSeed, checksum, write_rank_result  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import KnowledgeDistillation, StructuredPruning  # noqa: E402
@@ -28,32 +28,18 @@ UNET_WIDE = {"class_path": "segmentation_models_pytorch.Unet",
              "init_args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [64, 32, 16]}}
 
 
-def checksum(module: torch.nn.Module) -> float:
-    return float(sum(p.detach().double().sum() for p in module.parameters()))
-
-
-class RankSeed(pl.Callback):
-    """Listed before the distillation callback: its connectors would start from different weights per rank
-    (Lightning re-seeds every rank alike before setup)."""
-
-    def setup(self, trainer, pl_module, stage):
-        torch.manual_seed(1000 + trainer.global_rank)
-
-
 class Recorder(pl.Callback):
     def __init__(self, kd):
         self.kd = kd
 
     def on_fit_end(self, trainer, pl_module):
         distiller = self.kd.distiller
-        result = {"rank": trainer.global_rank, "world_size": trainer.world_size,
-                  "student_widths": layer_widths(pl_module.net), "teacher_widths": layer_widths(distiller.teacher),
-                  "student": checksum(pl_module.net), "teacher": checksum(distiller.teacher),
-                  "connector": checksum(distiller.connectors), "connector_shape": list(
-                      distiller.connectors["hint0"].conv.weight.shape),
-                  "kd_logged": "kd/total_step" in trainer.callback_metrics}
-        with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump(result, f)
+        write_rank_result(trainer, {
+            "student_widths": layer_widths(pl_module.net), "teacher_widths": layer_widths(distiller.teacher),
+            "student": checksum(pl_module.net), "teacher": checksum(distiller.teacher),
+            "connector": checksum(distiller.connectors),
+            "connector_shape": list(distiller.connectors["hint0"].conv.weight.shape),
+            "kd_logged": "kd/total_step" in trainer.callback_metrics})
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ ranks only agree if the pruning decision is made once and broadcast.
 """
 
 import faulthandler
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch_pruning as tp  # noqa: E402
+from _ddp_helpers import checksum, write_rank_result  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import StructuredPruning  # noqa: E402
@@ -38,12 +38,9 @@ class Recorder(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         net = pl_module.net
-        checksum = float(sum(p.detach().double().sum() for p in net.parameters()))
-        result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "widths": layer_widths(net),
-                  "history": pruning_history(net), "param_checksum": checksum,
-                  "params": sum(p.numel() for p in net.parameters()), "params_before": self.params_before}
-        with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump(result, f)
+        write_rank_result(trainer, {
+            "widths": layer_widths(net), "history": pruning_history(net), "param_checksum": checksum(net),
+            "params": sum(p.numel() for p in net.parameters()), "params_before": self.params_before})
 
 
 def main() -> None:

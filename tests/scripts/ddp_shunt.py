@@ -8,7 +8,6 @@ and start from different random shunts; they must still replace the same blocks 
 """
 
 import faulthandler
-import json
 import os
 import sys
 
@@ -16,23 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _ddp_helpers import RankSeed, checksum, write_rank_result  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import ShuntReplacement  # noqa: E402
 
 DEEPLAB = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
            "init_args": {"encoder_name": "tu-mobilenetv3_small_100"}}
-
-
-def checksum(module: torch.nn.Module) -> float:
-    return float(sum(p.detach().double().sum() for p in module.parameters()))
-
-
-class RankSeed(pl.Callback):
-    """Listed before ShuntReplacement: without the broadcast, each rank's shunt would start differently."""
-
-    def setup(self, trainer, pl_module, stage):
-        torch.manual_seed(1000 + trainer.global_rank)
 
 
 class Recorder(pl.Callback):
@@ -44,12 +33,10 @@ class Recorder(pl.Callback):
             self.stage_a = checksum(self.shunt.shunt)
 
     def on_fit_end(self, trainer, pl_module):
-        result = {"rank": trainer.global_rank, "world_size": trainer.world_size, "phase": self.shunt.phase,
-                  "blocks": self.shunt.plan.names, "network": checksum(pl_module.net), "stage_a_shunt": self.stage_a,
-                  "teacher": checksum(self.shunt.distiller.teacher),
-                  "kd_logged": "shunt/kd_ace_step" in trainer.callback_metrics}
-        with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump(result, f)
+        write_rank_result(trainer, {
+            "phase": self.shunt.phase, "blocks": self.shunt.plan.names, "network": checksum(pl_module.net),
+            "stage_a_shunt": self.stage_a, "teacher": checksum(self.shunt.distiller.teacher),
+            "kd_logged": "shunt/kd_ace_step" in trainer.callback_metrics})
 
 
 def main() -> None:

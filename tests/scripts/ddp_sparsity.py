@@ -8,7 +8,6 @@ scores would differ; they must still apply the same penalties and keep the same 
 """
 
 import faulthandler
-import json
 import os
 import sys
 
@@ -16,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _ddp_helpers import checksum, write_rank_result  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.callbacks import PostPruning, SparsityRegularization, StructuredPruning  # noqa: E402
@@ -30,13 +30,10 @@ class Recorder(pl.Callback):
         self.sparsity, self.post = sparsity, post
 
     def on_fit_end(self, trainer, pl_module):
-        result = {"rank": trainer.global_rank, "world_size": trainer.world_size,
-                  "widths": layer_widths(pl_module.net),
-                  "network": float(sum(p.detach().double().sum() for p in pl_module.net.parameters())),
-                  "strengths": {n: s.tolist() for n, s in self.sparsity.strengths.items()},
-                  "post_steps": self.post.steps}
-        with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump(result, f)
+        write_rank_result(trainer, {
+            "widths": layer_widths(pl_module.net), "network": checksum(pl_module.net),
+            "strengths": {n: s.tolist() for n, s in self.sparsity.strengths.items()},
+            "post_steps": self.post.steps})
 
 
 def main() -> None:
