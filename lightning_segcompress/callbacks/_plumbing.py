@@ -15,6 +15,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_segcompress.compression_state import restore_from_checkpoint
+from lightning_segcompress.models.segmentation_module import split_batch
+from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits
+from lightning_segcompress.utils.metrics import miou_evaluator
 
 
 def checked_input_size(input_size, default: list[int] | None = (64, 64)) -> list[int] | None:
@@ -109,6 +112,19 @@ def validation_batches(trainer: pl.Trainer, count: int | None) -> list:
                 return batches
             batches.append(trainer.lightning_module._apply_batch_transfer_handler(batch))
     return batches
+
+
+def validation_miou(trainer: pl.Trainer, network: torch.nn.Module, count: int | None,
+                    ignore_index: int = 255) -> tuple[Callable[[torch.nn.Module], float] | None, int]:
+    """A function scoring a network's mIoU on up to ``count`` labelled batches of the fit's validation data (the
+    same batches at every call), and how many batches it uses; ``(None, 0)`` without labelled batches."""
+    batches = [split_batch(b) for b in validation_batches(trainer, count)]
+    batches = [(images, masks) for images, masks in batches if masks is not None]
+    if not batches:
+        return None, 0
+    with evaluation_mode(network):
+        classes = extract_logits(network(batches[0][0][:1])).shape[1]
+    return miou_evaluator(batches, classes, ignore_index), len(batches)
 
 
 def rewrap_ddp(trainer: pl.Trainer) -> None:

@@ -8,13 +8,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_segcompress.callbacks._plumbing import checked_input_size, run_dir, validation_batches
-from lightning_segcompress.models.segmentation_module import split_batch
+from lightning_segcompress.callbacks._plumbing import checked_input_size, run_dir, validation_miou
 from lightning_segcompress.pruning.graph import PruningError
 from lightning_segcompress.pruning.post_pruning import group_costs, snapshot_network, take_back
 from lightning_segcompress.pruning.state import pruning_history
-from lightning_segcompress.utils.inspection import evaluation_mode, example_input, extract_logits, find_network
-from lightning_segcompress.utils.metrics import miou_evaluator
+from lightning_segcompress.utils.inspection import example_input, find_network
 
 
 class PostPruning(Callback):
@@ -67,15 +65,11 @@ class PostPruning(Callback):
         return self._generate_state_key(tolerance=self.tolerance)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batches = [split_batch(b) for b in validation_batches(trainer, self.eval_batches)]
-        batches = [(images, masks) for images, masks in batches if masks is not None]
-        if not batches:
+        network = find_network(pl_module, self.network_attribute)
+        self._evaluate, _ = validation_miou(trainer, network, self.eval_batches, self.ignore_index)
+        if self._evaluate is None:
             raise PruningError("PostPruning scores pruned groups on validation batches with labels, but the fit has "
                                "none; give the trainer validation data (limit_val_batches > 0).")
-        network = find_network(pl_module, self.network_attribute)
-        with evaluation_mode(network):
-            classes = extract_logits(network(batches[0][0][:1])).shape[1]
-        self._evaluate = miou_evaluator(batches, classes, self.ignore_index)
 
     def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = snapshot_network(find_network(pl_module, self.network_attribute))

@@ -23,7 +23,7 @@ from lightning_segcompress.callbacks._plumbing import (
     rewrap_ddp,
     run_dir,
     set_ddp_gradient_sync,
-    validation_batches,
+    validation_miou,
 )
 from lightning_segcompress.compression_state import write_to_checkpoint
 from lightning_segcompress.distillation import (
@@ -44,7 +44,6 @@ from lightning_segcompress.shunt import (
     find_backbone,
     format_block_map,
     knowledge_quotients,
-    miou_evaluator,
     plan_shunt,
     resolve_range,
     select_range,
@@ -55,9 +54,7 @@ from lightning_segcompress.shunt.surgery import modules_before
 from lightning_segcompress.utils.inspection import (
     count_macs,
     count_params,
-    evaluation_mode,
     example_input,
-    extract_logits,
     find_network,
 )
 
@@ -229,14 +226,7 @@ class ShuntReplacement(Callback):
                                "network to distil from; fine-tuning without distillation.")
             self._apply_freeze_before(network)
             return
-        evaluate = None
-        batches = [split_batch(b) for b in validation_batches(trainer, self.kq_batches)]
-        batches = [(images, masks) for images, masks in batches if masks is not None]
-        if batches:
-            with evaluation_mode(network):
-                classes = extract_logits(network(batches[0][0][:1])).shape[1]
-            evaluate = miou_evaluator(batches, classes, self.ignore_index)
-            self._evaluated_batches = len(batches)
+        evaluate, self._evaluated_batches = validation_miou(trainer, network, self.kq_batches, self.ignore_index)
         if "original_miou" not in self.scores and evaluate is not None:
             self.scores["original_miou"] = evaluate(network)
         if self.plan is None:

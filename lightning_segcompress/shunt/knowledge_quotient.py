@@ -60,15 +60,12 @@ def select_range(blocks: list[Block], quotients: Mapping[str, float], target: Ma
     the saving closest to the target."""
     (resource, fraction), = target.items()
     needed = fraction * totals[resource]
-    scored = []
-    for plan in candidate_plans(blocks, variant, widths):
-        removed = plan.params_removed if resource == "params" else plan.macs_removed
-        if removed >= needed:
-            kq = sum(max(quotients.get(b.name, 0.0), 0.0) for b in plan.blocks)
-            scored.append((kq, len(plan.blocks), removed, plan))
+    plans = [(plan.params_removed if resource == "params" else plan.macs_removed, plan)
+             for plan in candidate_plans(blocks, variant, widths)]
+    scored = [(sum(max(quotients.get(b.name, 0.0), 0.0) for b in plan.blocks), len(plan.blocks), removed, plan)
+              for removed, plan in plans if removed >= needed]
     if not scored:
-        best = max((plan.params_removed if resource == "params" else plan.macs_removed
-                    for plan in candidate_plans(blocks, variant, widths)), default=0)
+        best = max((removed for removed, _ in plans), default=0)
         raise ShuntError(f"no block range the {variant!r} shunt can replace removes {fraction:.0%} of the network's "
                          f"{resource} (the most any range removes is {best / max(totals[resource], 1):.1%}). Lower "
                          "the target or choose another variant.")
