@@ -105,7 +105,8 @@ def test_compare_ratios():
     "kwargs, match",
     [({"runtimes": ["tflite"]}, "Unknown runtime"), ({"runs": 0}, "runs must be positive"),
      ({"warmup": -1}, "warmup"), ({"input_size": [3, 64, 64]}, "input_size"), ({"threads": 0}, "threads"),
-     ({"every_n_epochs": -2}, "every_n_epochs"), ({"runtimes": []}, "empty")],
+     ({"every_n_epochs": -2}, "every_n_epochs"), ({"runtimes": []}, "empty"),
+     ({"tile_grids": [[2, 0]]}, "tile_grids"), ({"tile_grids": [[2]]}, "tile_grids")],
 )
 def test_bad_config_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -160,6 +161,35 @@ def test_before_after_ratios_report_files_and_loggers_in_one_fit(tmp_path):
     logger.save()
     header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "benchmark/final/torchscript_lite/speedup" in header and "benchmark/baseline/macs" in header
+
+
+def test_memory_section_and_tiled_stages(tmp_path):
+    data = SyntheticScenesDataModule(num_classes=3, image_size=(32, 32), num_train=8, num_val=4, batch_size=4)
+    bench = DeviceBenchmark(input_size=[1, 3, 64, 64], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
+                            isolate=False, tile_grids=[[2, 2]], output_dir=str(tmp_path / "bench"))
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[bench]))
+    trainer.fit(UserModule(), datamodule=data)
+
+    assert set(bench.stages) == {"baseline", "baseline_tiled_2x2", "final", "final_tiled_2x2"}
+    untiled, tiled = bench.stages["final"]["report"], bench.stages["final_tiled_2x2"]["report"]
+    assert tiled["tiling"]["grid"] == [2, 2] and tiled["tiling"]["max_abs_diff_to_untiled"] <= 1e-3
+    assert tiled["runtimes"]["torchscript_lite"]["status"] == "ok"
+    assert tiled["macs"] > untiled["macs"]  # halos are recomputed
+    for report in (untiled, tiled):
+        memory = report["memory"]
+        assert memory["status"] == "ok", memory
+        assert memory["lower_bound_mb"] <= memory["planned_mb"] <= memory["naive_mb"]
+        assert memory["int8_planned_mb"] == pytest.approx(memory["planned_mb"] / 4, rel=0.01)
+    # the whole network is convolutional, so all of it is tiled: 2x2 tiles need about a quarter of the memory
+    assert tiled["memory"]["planned_mb"] < untiled["memory"]["planned_mb"] / 2
+    assert tiled["memory"]["measured_peak_mb"] < untiled["memory"]["measured_peak_mb"] / 2
+
+    table = (tmp_path / "bench" / "benchmark.md").read_text()
+    assert "## Activation memory" in table and "| final_tiled_2x2 |" in table
+    logger.save()
+    header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "benchmark/final_tiled_2x2/memory/planned_mb" in header
 
 
 def test_failing_export_does_not_stop_training_or_checkpointing(tmp_path):

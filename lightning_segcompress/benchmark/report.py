@@ -92,6 +92,30 @@ def markdown_table(stages: dict[str, dict], label: str = "stage") -> str:
     return "\n".join(lines)
 
 
+MEMORY_COLUMNS = ("naive MB", "planned MB", "lower bound MB", "int8 planned MB", "measured eager peak MB",
+                  "planned / naive", "peak in")
+
+
+def memory_table(stages: dict[str, dict], label: str = "stage") -> str:
+    """Activation memory per stage: the planner's numbers and eager PyTorch's measured peak (fp32)."""
+    columns = (label, *MEMORY_COLUMNS)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for stage, content in stages.items():
+        memory = content["report"].get("memory")
+        if memory is None:
+            continue
+        if memory["status"] != "ok":
+            message = f"error: {memory['error']['type']}: {memory['error']['message'][:100]}".replace("|", "/")
+            lines.append(f"| {stage} | {message} |" + " |" * (len(MEMORY_COLUMNS) - 1))
+            continue
+        ratio = memory["planned_mb"] / memory["naive_mb"] if memory["naive_mb"] else None
+        cells = [stage, *(_fmt(memory[k], 2) for k in ("naive_mb", "planned_mb", "lower_bound_mb", "int8_planned_mb",
+                                                        "measured_peak_mb")),
+                 _fmt(ratio, 3), f"`{memory['peak_module'] or '—'}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _scale(value, factor):
     return None if value is None else value / factor
 
@@ -111,9 +135,18 @@ def write_report(output_dir: str | Path, stages: dict[str, dict], settings: dict
         f"# Device benchmark\n\nInput {shape}, threads {settings.get('threads') or 'default'}, "
         f"{settings.get('warmup')} warm-up + {settings.get('runs')} timed runs.\n"
         "Ratios are baseline / this stage (> 1 = faster, smaller, fewer MACs); "
-        "efficiency = speedup / MACs ratio.\n\n" + markdown_table(stages) + "\n"
+        "efficiency = speedup / MACs ratio.\n\n" + markdown_table(stages) + "\n" + _memory_section(stages)
     )
     return json_path, md_path
+
+
+def _memory_section(stages: dict[str, dict]) -> str:
+    table = memory_table(stages)
+    if not table:
+        return ""
+    return ("\n## Activation memory\n\nNaive = every activation in its own buffer; planned = one arena (greedy by "
+            "size, best-fit); lower bound = most bytes alive at once; measured = peak of live tensors in eager "
+            "PyTorch. Tiled stages run the network's prefix tile by tile (TiledInference).\n\n" + table + "\n")
 
 
 def flat_metrics(stage: str, report: dict, ratios: dict | None = None) -> dict[str, float]:
@@ -129,4 +162,8 @@ def flat_metrics(stage: str, report: dict, ratios: dict | None = None) -> dict[s
         for key, value in (ratios or {}).get(runtime, {}).items():
             if value is not None:
                 metrics[f"benchmark/{stage}/{runtime}/{key}"] = float(value)
+    memory = report.get("memory") or {}
+    if memory.get("status") == "ok":
+        for key in ("naive_mb", "planned_mb", "lower_bound_mb", "int8_planned_mb", "measured_peak_mb"):
+            metrics[f"benchmark/{stage}/memory/{key}"] = float(memory[key])
     return metrics

@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from lightning_segcompress.benchmark.executorch_runtime import (
 )
 from lightning_segcompress.benchmark.timing import measure_latency, num_threads
 from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
-from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
+from lightning_segcompress.memory import TiledInference, memory_report
+from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, extract_logits
 
 RUNTIMES = ("eager", "torchscript_lite", "executorch")
 _ARTIFACTS = {"torchscript_lite": "model.ptl", "executorch": "model.pte"}
@@ -38,6 +40,7 @@ class BenchmarkSettings:
     tolerance: float = 1e-3
     isolate: bool = True
     worker_timeout_s: float = 600.0
+    memory: bool = True
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
@@ -72,9 +75,10 @@ class LogitsOnly(nn.Module):
 
 
 def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_dir: str | Path) -> dict:
-    """Measure a copy of ``network`` (the original is never modified) on each runtime.
+    """Measure a copy of ``network`` (the original is never modified) on each runtime, and (``settings.memory``)
+    its activation memory.
 
-    Returns a JSON-serialisable report: ``params``, ``macs``, ``input_shape`` and per runtime either
+    Returns a JSON-serialisable report: ``params``, ``macs``, ``input_shape``, ``memory`` and per runtime either
     ``{"status": "ok", "median_ms", "p90_ms", "size_mb", "max_abs_diff", "peak_rss_mb", ...}``,
     ``{"status": "skipped", "reason"}`` or ``{"status": "error", "error": {"type", "message"}}``. Errors are
     recorded, never raised.
@@ -101,7 +105,37 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
         except Exception as err:  # noqa: BLE001 - recorded in the report, the caller carries on
             entry = {"status": "error", "error": _error(err)}
         report["runtimes"][runtime] = entry
+    if settings.memory:
+        report["memory"] = _memory(model, x)
     return report
+
+
+def benchmark_tiled(network: nn.Module, grid: Sequence[int], split_after: str | None, settings: BenchmarkSettings,
+                    output_dir: str | Path) -> dict:
+    """:func:`benchmark_network` for ``network`` under :class:`TiledInference`, plus ``report["tiling"]``: the
+    grid, the prefix, and the largest difference to untiled inference (must be within ``settings.tolerance``)."""
+    model = LogitsOnly(network)
+    tiled = TiledInference(model, settings.input_shape, grid, split_after)
+    x = torch.randn(*settings.input_shape, generator=torch.Generator().manual_seed(0))
+    with evaluation_mode(model):
+        diff = float((tiled(x) - model(x)).abs().max())
+    if not diff <= settings.tolerance:
+        raise AssertionError(f"tiled output differs from untiled by {diff:.3g} > tolerance {settings.tolerance:g}")
+    report = benchmark_network(tiled, settings, output_dir)
+    report["tiling"] = {"grid": list(tiled.plan.grid), "max_abs_diff_to_untiled": diff,
+                        "prefix": tiled.plan.describe(), "prefix_macs_ratio": tiled.plan.macs_ratio}
+    return report
+
+
+def _memory(model: nn.Module, x: torch.Tensor) -> dict:
+    """Planner numbers (MB) and eager's measured peak; an untraceable model is recorded, not raised."""
+    try:
+        report = memory_report(model, x, top=1)
+    except Exception as err:  # noqa: BLE001
+        return {"status": "error", "error": _error(err)}
+    return {"status": "ok", "naive_mb": report.fp32.naive / 1e6, "planned_mb": report.fp32.planned / 1e6,
+            "lower_bound_mb": report.fp32.lower_bound / 1e6, "int8_planned_mb": report.int8.planned / 1e6,
+            "measured_peak_mb": report.measured_peak / 1e6, "peak_module": report.fp32.peak_module}
 
 
 def _run_eager(model, x, reference, settings, output_dir) -> dict:

@@ -8,7 +8,14 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table, write_report
+from lightning_segcompress.benchmark import (
+    BenchmarkSettings,
+    benchmark_network,
+    benchmark_tiled,
+    markdown_table,
+    memory_table,
+    write_report,
+)
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
 from lightning_segcompress.callbacks._plumbing import run_dir
 from lightning_segcompress.utils.inspection import find_network
@@ -19,6 +26,11 @@ class DeviceBenchmark(Callback):
     measure latency (median, p90), file size, params, MACs and peak memory — at fit start (the baseline)
     and at fit end (the compressed model), reporting speedup, size ratio, MACs ratio and efficiency
     (speedup / MACs ratio) against the baseline measured in the same run.
+
+    The memory section plans the activations of each stage (naive sum, planned arena, lower bound, int8 arena)
+    and measures eager PyTorch's peak; with ``tile_grids`` every stage is measured again under
+    :class:`~lightning_segcompress.memory.TiledInference` (stage ``<stage>_tiled_<rows>x<cols>``), after
+    checking that tiled and untiled outputs agree within ``tolerance``.
 
     Results go to ``benchmark.json`` and ``benchmark.md`` in ``output_dir``, to the trainer's loggers
     (``benchmark/<stage>/<runtime>/<metric>``) and to stdout. An export or timing failure is recorded in the
@@ -40,6 +52,9 @@ class DeviceBenchmark(Callback):
             automatically, see ``find_network``).
         tolerance: largest accepted absolute difference between a runtime's output and eager.
         isolate: time exported models in a fresh subprocess per runtime (clean peak memory).
+        memory: plan and measure activation memory for every stage.
+        tile_grids: also measure tiled inference with these ``[rows, columns]`` grids, e.g. ``[[2, 2], [4, 4]]``.
+        split_after: end the tiled prefix after this module (default: before the first non-local op).
 
     Example::
 
@@ -67,13 +82,20 @@ class DeviceBenchmark(Callback):
         network_attribute: str | None = None,
         tolerance: float = 1e-3,
         isolate: bool = True,
+        memory: bool = True,
+        tile_grids: list[list[int]] | None = None,
+        split_after: str | None = None,
     ) -> None:
         if isinstance(runtimes, str):
             runtimes = [runtimes]
         self.settings = BenchmarkSettings(
             input_shape=tuple(int(s) for s in input_size), runtimes=tuple(runtimes), threads=threads,
-            warmup=warmup, runs=runs, tolerance=tolerance, isolate=isolate,
+            warmup=warmup, runs=runs, tolerance=tolerance, isolate=isolate, memory=memory,
         )
+        self.tile_grids = [[int(g) for g in grid] for grid in (tile_grids or [])]
+        if any(len(grid) != 2 or min(grid) < 1 for grid in self.tile_grids):
+            raise ValueError(f"tile_grids must be a list of [rows, columns] with positive ints, got {tile_grids}.")
+        self.split_after = split_after
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0 (0 = never), got {every_n_epochs}.")
         self.output_dir = output_dir
@@ -101,25 +123,36 @@ class DeviceBenchmark(Callback):
             self.measure(trainer, pl_module, "final")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict | None:
-        """Benchmark the module's network now, as ``stage``; returns the report (None on other ranks)."""
+        """Benchmark the module's network now, as ``stage`` (and tiled, per ``tile_grids``); returns the report
+        (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
         output_dir = run_dir(trainer, "benchmark", self.output_dir)
+        network = find_network(pl_module, self.network_attribute)
+        report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage)
+        for rows, cols in self.tile_grids:
+            name = f"{stage}_tiled_{rows}x{cols}"
+            self._record(trainer, name, benchmark_tiled, network, (rows, cols), self.split_after, self.settings,
+                         output_dir / name)
+        write_report(output_dir, self.stages, self.settings.as_dict())
+        rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n\n"
+                       f"{memory_table(self.stages)}\n")
+        return report
+
+    def _record(self, trainer: pl.Trainer, stage: str, run, *args) -> dict:
         try:
-            network = find_network(pl_module, self.network_attribute)
-            report = benchmark_network(network, self.settings, output_dir / stage)
+            report = run(*args)
         except Exception as err:  # noqa: BLE001 - never lose a training run to a benchmark
             report = {"error": {"type": type(err).__name__, "message": str(err)[:500]}, "runtimes": {}}
             rank_zero_warn(f"DeviceBenchmark could not measure stage {stage!r}: {type(err).__name__}: {err}")
         ratios = add_stage(self.stages, stage, report)
-        for runtime, entry in report.get("runtimes", {}).items():
+        failed = {**report.get("runtimes", {}), "memory": report.get("memory") or {}}
+        for part, entry in failed.items():
             if entry.get("status") == "error":
-                rank_zero_warn(f"DeviceBenchmark {stage}/{runtime} failed: {entry['error']['type']}: "
+                rank_zero_warn(f"DeviceBenchmark {stage}/{part} failed: {entry['error']['type']}: "
                                f"{entry['error']['message']}")
-        write_report(output_dir, self.stages, self.settings.as_dict())
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(stage, report, ratios), step=trainer.global_step)
-        rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n")
         return report
 
     def state_dict(self) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass, counted by torch-pruning (on a copy of the model); int8 conv
-    and linear modules, which torch-pruning does not know, are counted from their weights and outputs."""
+    and linear modules, which torch-pruning does not know, are counted from their weights and outputs, modules
+    with an ``own_macs()`` method by it."""
     quantized = _quantized_weighted(model)
     counted: list[int] = []
 
@@ -70,6 +71,8 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
                        else output.shape[0] * weight.numel())
 
     handles = [m.register_forward_hook(hook) for m in quantized]
+    # Modules that run ops directly instead of through submodules (TiledInference) count themselves.
+    counted += [m.own_macs() for m in model.modules() if hasattr(m, "own_macs")]
     try:
         macs, _ = tp.utils.count_ops_and_params(model, example_input)
     finally:
@@ -279,14 +282,16 @@ def match_module_names(network: nn.Module, patterns: Iterable[str]) -> dict[str,
 
 @contextlib.contextmanager
 def evaluation_mode(network: nn.Module) -> Iterator[nn.Module]:
-    """Run ``network`` in eval mode without gradients inside the block; its train/eval mode is restored after."""
-    was_training = network.training
+    """Run ``network`` in eval mode without gradients inside the block; every submodule's train/eval mode is
+    restored after (a wrapper in train mode around a network in eval mode stays that way)."""
+    modes = [(module, module.training) for module in network.modules()]
     network.eval()
     try:
         with torch.no_grad():
             yield network
     finally:
-        network.train(was_training)
+        for module, mode in modes:
+            module.training = mode
 
 
 def copy_without_hooks(network: nn.Module) -> nn.Module:

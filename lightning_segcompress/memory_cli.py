@@ -1,0 +1,73 @@
+"""``segcompress-memory``: the activation memory report (naive, planned arena, lower bound, measured peak) of a
+checkpoint or network spec, untiled and tiled, without training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import CLI
+
+from lightning_segcompress.benchmark.runner import LogitsOnly
+from lightning_segcompress.benchmark_cli import load_network
+from lightning_segcompress.memory import TiledInference, format_memory_report, memory_report
+
+
+def memory(
+    checkpoint: str | None = None,
+    network: dict[str, Any] | None = None,
+    model_class: str = "lightning_segcompress.SegmentationModule",
+    network_attribute: str | None = None,
+    num_classes: int | None = 19,
+    input_size: list[int] = (1, 3, 512, 512),
+    grids: list[list[int]] = (),
+    split_after: str | None = None,
+    measure: bool = True,
+    top: int = 5,
+    output: str | None = None,
+) -> str:
+    """Print where a network's activation memory goes, and what planning and tiling save.
+
+    Args:
+        checkpoint: Lightning checkpoint of ``model_class`` (compressed ones too).
+        network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
+        model_class: LightningModule class of the checkpoint.
+        network_attribute: attribute path of the network in that module (default: found automatically).
+        num_classes: classes for network specs that take ``classes``/``num_classes``.
+        input_size: ``[N, C, H, W]`` of the input.
+        grids: also report tiled inference for these ``[rows, columns]`` grids, e.g. ``[[2, 2], [4, 4]]``; each is
+            checked against untiled inference.
+        split_after: end the tiled prefix after this module (default: before the first non-local op).
+        measure: also run the network eagerly and record its peak of live tensors.
+        top: how many of the largest tensors to list.
+        output: also write the report to this Markdown file.
+    """
+    net = LogitsOnly(load_network(checkpoint, network, model_class, num_classes, network_attribute)).eval()
+    x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0))
+    sections = [format_memory_report(memory_report(net, x, top=top, measure=measure), "Activation memory, untiled")]
+    if grids:
+        with torch.no_grad():
+            reference = net(x)
+    for grid in grids:
+        tiled = TiledInference(net, list(input_size), grid, split_after)
+        with torch.no_grad():
+            diff = float((tiled(x) - reference).abs().max())
+        title = f"Activation memory, tiled {grid[0]}x{grid[1]}"
+        sections.append(format_memory_report(memory_report(tiled, x, top=top, measure=measure), title)
+                        + f"\n{tiled.plan.describe()}.\nLargest difference to untiled output: {diff:.2e}.\n")
+    report = "\n".join(sections)
+    print(report)
+    if output:
+        Path(output).write_text(report)
+    return report
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    CLI(memory, args=args)
+
+
+if __name__ == "__main__":
+    main()
