@@ -24,6 +24,8 @@ def memory(
     input_size: list[int] = (1, 3, 512, 512),
     grids: list[list[int]] = (),
     split_after: str | None = None,
+    tail: bool = True,
+    max_stride: int | None = 8,
     measure: bool = True,
     top: int = 5,
     output: str | None = None,
@@ -40,6 +42,8 @@ def memory(
         grids: also report tiled inference for these ``[rows, columns]`` grids, e.g. ``[[2, 2], [4, 4]]``; each is
             checked against untiled inference.
         split_after: end the tiled prefix after this module (default: before the first non-local op).
+        tail: also tile the local ops after the last non-local op (decoder, final upsampling).
+        max_stride: tile only maps downsampled at most this many times (``null``: no limit).
         measure: also run the network eagerly and record its peak of live tensors.
         top: how many of the largest tensors to list.
         output: also write the report to this Markdown file.
@@ -51,7 +55,7 @@ def memory(
         with torch.no_grad():
             reference = net(x)
     for grid in grids:
-        tiled = TiledInference(net, list(input_size), grid, split_after)
+        tiled = TiledInference(net, list(input_size), grid, split_after, tail, max_stride)
         with torch.no_grad():
             diff = float((tiled(x) - reference).abs().max())
         title = f"Activation memory, tiled {grid[0]}x{grid[1]}"

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import SMP_UNET
@@ -15,10 +16,10 @@ TV_DEEPLAB = {"class_path": "torchvision.models.segmentation.deeplabv3_mobilenet
 TV_LRASPP = {"class_path": "torchvision.models.segmentation.lraspp_mobilenet_v3_large"}
 
 
-def _untiled_and_tiled(spec, shape, grid, split_after=None):
+def _untiled_and_tiled(spec, shape, grid, **options):
     net = LogitsOnly(build_network(spec, num_classes=3)).eval()
     x = torch.randn(*shape)
-    tiled = TiledInference(net, shape, grid, split_after)
+    tiled = TiledInference(net, shape, grid, **options)
     with torch.no_grad():
         return net(x), tiled(x), tiled
 
@@ -31,25 +32,62 @@ def _untiled_and_tiled(spec, shape, grid, split_after=None):
 ], ids=["smp-deeplabv3plus", "smp-unet", "tv-lraspp-odd", "tv-deeplabv3-odd"])
 def test_tiled_equals_untiled(spec, shape, grids):
     for grid in grids:
-        expected, actual, tiled = _untiled_and_tiled(spec, shape, grid)
-        assert actual.shape == expected.shape
-        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
-        assert tiled.plan.macs_ratio > 1.0  # halos are recomputed
+        for max_stride in (8, None):
+            expected, actual, tiled = _untiled_and_tiled(spec, shape, grid, max_stride=max_stride)
+            assert actual.shape == expected.shape
+            torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+            assert tiled.plan.macs_ratio > 1.0  # halos are recomputed
 
 
-def test_prefix_stops_before_the_first_global_op():
-    _, _, deeplab = _untiled_and_tiled(DEEPLAB_LARGE, (1, 3, 64, 64), (2, 2))
-    assert "encoder.model.blocks.2.0.se" in deeplab.plan.stop and "aten.mean" in deeplab.plan.stop
-    _, _, unet = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (2, 2))
-    assert "upsample" in unet.plan.stop  # resnet has no global op: the whole encoder is tiled
-    assert len(unet.plan.outputs) == 3  # the skip features the decoder reads, stitched
+def test_segments_end_at_global_ops_and_max_stride():
+    _, _, deeplab = _untiled_and_tiled(DEEPLAB_LARGE, (1, 3, 64, 64), (2, 2), max_stride=None)
+    prefix, tail = deeplab.plan.segments["prefix"], deeplab.plan.segments["tail"]
+    assert "encoder.model.blocks.2.0.se" in prefix.reason and "aten.mean" in prefix.reason
+    assert "adaptive_avg_pool2d" in tail.reason  # the tail starts after ASPP's image pooling
+    assert [n.name for n in tail.outputs] == [n.name for n in deeplab.graph_module.graph.output_node().all_input_nodes]
+    _, _, unet = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (2, 2), max_stride=4)
+    assert "more than max_stride=4" in unet.plan.segments["prefix"].reason
+    assert len(unet.plan.segments["prefix"].outputs) == 2  # the skip features the tail reads, stitched
+    assert "tail" in unet.plan.segments
+    _, _, whole = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (2, 2), max_stride=None)
+    assert list(whole.plan.segments) == ["prefix"] and "reaches the output" in whole.plan.segments["prefix"].reason
+    with pytest.raises(TilingError, match="max_stride"):
+        TiledInference(nn.Conv2d(3, 3, 1), (1, 3, 8, 8), (2, 2), max_stride=0)
 
 
 def test_split_after_ends_the_prefix_at_a_named_module():
-    expected, actual, tiled = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (2, 2), split_after="encoder.layer1")
+    expected, actual, tiled = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (2, 2), split_after="encoder.layer1",
+                                                 tail=False)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
-    assert "split_after" in tiled.plan.stop
-    assert all("layer2" not in str(n.meta.get("nn_module_stack")) for n in tiled.plan.prefix)
+    prefix = tiled.plan.segments["prefix"]
+    assert "split_after" in prefix.reason and list(tiled.plan.segments) == ["prefix"]
+    assert all("layer2" not in str(n.meta.get("nn_module_stack")) for n in prefix.nodes)
+
+
+class ResamplingTail(nn.Module):
+    """A global op, then a tail of bilinear (both corner modes) and nearest resampling to odd sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c_in, 4, 3, padding=1) for c_in in (3, 4, 4, 4))
+
+    def forward(self, x):
+        y = self.convs[0](x)
+        y = y - y.mean(dim=(2, 3), keepdim=True)  # global: the prefix ends here
+        y = self.convs[1](F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False))
+        y = self.convs[2](F.interpolate(y, size=(37, 53), mode="bilinear", align_corners=True))
+        y = F.interpolate(F.interpolate(y, scale_factor=2, mode="nearest"), size=(101, 90), mode="nearest")
+        return self.convs[3](y)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 4)])
+def test_tail_with_resampling_equals_untiled(grid):
+    net = ResamplingTail().eval()
+    x = torch.randn(1, 3, 32, 48)
+    tiled = TiledInference(net, x.shape, grid, max_stride=None)
+    assert "tail" in tiled.plan.segments and len(tiled.plan.segments["tail"].nodes) == 7
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), net(x), atol=1e-5, rtol=0)
 
 
 class MutatesInPlace(nn.Module):
@@ -72,7 +110,7 @@ def test_in_place_ops_keep_eager_semantics():
 
 
 def test_one_tile_adds_no_work():
-    expected, actual, tiled = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (1, 1))
+    expected, actual, tiled = _untiled_and_tiled(SMP_UNET, (1, 3, 64, 64), (1, 1), max_stride=4)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert tiled.plan.macs_ratio == 1.0
 
@@ -121,7 +159,7 @@ def test_refusals_name_the_cause():
         TiledInference(deeplab, (1, 3, 64, 64), (2, 2), split_after="encoder.model.blocks.3")
     with pytest.raises(TilingError, match="names no module"):
         TiledInference(deeplab, (1, 3, 64, 64), (2, 2), split_after="encoder.no_such_layer")
-    with pytest.raises(TilingError, match="finer than the prefix output"):
+    with pytest.raises(TilingError, match="finer than the tiled output"):
         TiledInference(deeplab, (1, 3, 64, 64), (16, 16))
     with pytest.raises(TilingError, match="Nothing to tile"):
         TiledInference(GlobalFirst(), (1, 3, 16, 16), (2, 2))

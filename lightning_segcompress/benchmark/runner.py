@@ -110,12 +110,13 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
     return report
 
 
-def benchmark_tiled(network: nn.Module, grid: Sequence[int], split_after: str | None, settings: BenchmarkSettings,
-                    output_dir: str | Path) -> dict:
-    """:func:`benchmark_network` for ``network`` under :class:`TiledInference`, plus ``report["tiling"]``: the
-    grid, the prefix, and the largest difference to untiled inference (must be within ``settings.tolerance``)."""
+def benchmark_tiled(network: nn.Module, grid: Sequence[int], settings: BenchmarkSettings, output_dir: str | Path,
+                    **tiling) -> dict:
+    """:func:`benchmark_network` for ``network`` under :class:`TiledInference` (``tiling``: its keyword options),
+    plus ``report["tiling"]``: the grid, the tiled segments, and the largest difference to untiled inference (must be
+    within ``settings.tolerance``)."""
     model = LogitsOnly(network)
-    tiled = TiledInference(model, settings.input_shape, grid, split_after)
+    tiled = TiledInference(model, settings.input_shape, grid, **tiling)
     x = torch.randn(*settings.input_shape, generator=torch.Generator().manual_seed(0))
     with evaluation_mode(model):
         diff = float((tiled(x) - model(x)).abs().max())
@@ -123,7 +124,7 @@ def benchmark_tiled(network: nn.Module, grid: Sequence[int], split_after: str | 
         raise AssertionError(f"tiled output differs from untiled by {diff:.3g} > tolerance {settings.tolerance:g}")
     report = benchmark_network(tiled, settings, output_dir)
     report["tiling"] = {"grid": list(tiled.plan.grid), "max_abs_diff_to_untiled": diff,
-                        "prefix": tiled.plan.describe(), "prefix_macs_ratio": tiled.plan.macs_ratio}
+                        "segments": tiled.plan.describe(), "macs_ratio": tiled.plan.macs_ratio}
     return report
 
 

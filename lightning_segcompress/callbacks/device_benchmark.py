@@ -55,6 +55,8 @@ class DeviceBenchmark(Callback):
         memory: plan and measure activation memory for every stage.
         tile_grids: also measure tiled inference with these ``[rows, columns]`` grids, e.g. ``[[2, 2], [4, 4]]``.
         split_after: end the tiled prefix after this module (default: before the first non-local op).
+        tile_tail: also tile the local ops after the last non-local op (decoder, final upsampling).
+        tile_max_stride: tile only maps downsampled at most this many times (``None``: no limit).
 
     Example::
 
@@ -85,6 +87,8 @@ class DeviceBenchmark(Callback):
         memory: bool = True,
         tile_grids: list[list[int]] | None = None,
         split_after: str | None = None,
+        tile_tail: bool = True,
+        tile_max_stride: int | None = 8,
     ) -> None:
         if isinstance(runtimes, str):
             runtimes = [runtimes]
@@ -95,7 +99,9 @@ class DeviceBenchmark(Callback):
         self.tile_grids = [[int(g) for g in grid] for grid in (tile_grids or [])]
         if any(len(grid) != 2 or min(grid) < 1 for grid in self.tile_grids):
             raise ValueError(f"tile_grids must be a list of [rows, columns] with positive ints, got {tile_grids}.")
-        self.split_after = split_after
+        if tile_max_stride is not None and tile_max_stride < 1:
+            raise ValueError(f"tile_max_stride must be >= 1 or None (no limit), got {tile_max_stride}.")
+        self.tiling = {"split_after": split_after, "tail": tile_tail, "max_stride": tile_max_stride}
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0 (0 = never), got {every_n_epochs}.")
         self.output_dir = output_dir
@@ -132,16 +138,16 @@ class DeviceBenchmark(Callback):
         report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage)
         for rows, cols in self.tile_grids:
             name = f"{stage}_tiled_{rows}x{cols}"
-            self._record(trainer, name, benchmark_tiled, network, (rows, cols), self.split_after, self.settings,
-                         output_dir / name)
+            self._record(trainer, name, benchmark_tiled, network, (rows, cols), self.settings, output_dir / name,
+                         **self.tiling)
         write_report(output_dir, self.stages, self.settings.as_dict())
         rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n\n"
                        f"{memory_table(self.stages)}\n")
         return report
 
-    def _record(self, trainer: pl.Trainer, stage: str, run, *args) -> dict:
+    def _record(self, trainer: pl.Trainer, stage: str, run, *args, **kwargs) -> dict:
         try:
-            report = run(*args)
+            report = run(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - never lose a training run to a benchmark
             report = {"error": {"type": type(err).__name__, "message": str(err)[:500]}, "runtimes": {}}
             rank_zero_warn(f"DeviceBenchmark could not measure stage {stage!r}: {type(err).__name__}: {err}")
