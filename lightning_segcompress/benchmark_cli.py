@@ -16,14 +16,32 @@ from lightning_segcompress.utils.inspection import find_network
 
 def load_network(
     checkpoint: str | None, network: dict[str, Any] | None, model_class: str, num_classes: int | None,
-    network_attribute: str | None = None,
+    network_attribute: str | None = None, recipe: str | None = None,
 ):
-    if (checkpoint is None) == (network is None):
-        raise ValueError("Give exactly one of a checkpoint (--checkpoint) or a network spec (--network).")
+    """The network of a checkpoint, a network spec or (``recipe``) the ``model`` of a ``segcompress`` YAML config."""
+    if sum(source is not None for source in (checkpoint, network, recipe)) != 1:
+        sources = "a checkpoint (--checkpoint) or a network spec (--network)"
+        raise ValueError(f"Give exactly one of {sources}{' or a recipe (--recipe)' if recipe else ''}.")
+    if recipe is not None:
+        return find_network(module_from_recipe(recipe), network_attribute)
     if network is not None:
         return build_network(network, num_classes=num_classes)
     module = resolve_class_path(model_class).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     return find_network(module, network_attribute)
+
+
+def module_from_recipe(path: str):
+    """Instantiate the ``model:`` section of a LightningCLI config (random weights) the way ``segcompress`` does."""
+    import pytorch_lightning as pl
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    if "model" not in config:
+        raise ValueError(f"{path} has no 'model:' section; give a segcompress/LightningCLI config.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningModule, "model")
+    return parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
 
 
 def benchmark(

@@ -18,6 +18,7 @@ from lightning_segcompress.memory import TiledInference, format_memory_report, m
 def memory(
     checkpoint: str | None = None,
     network: dict[str, Any] | None = None,
+    recipe: str | None = None,
     model_class: str = "lightning_segcompress.SegmentationModule",
     network_attribute: str | None = None,
     num_classes: int | None = 19,
@@ -35,6 +36,7 @@ def memory(
     Args:
         checkpoint: Lightning checkpoint of ``model_class`` (compressed ones too).
         network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
+        recipe: or a ``segcompress`` YAML config: its ``model`` (random weights).
         model_class: LightningModule class of the checkpoint.
         network_attribute: attribute path of the network in that module (default: found automatically).
         num_classes: classes for network specs that take ``classes``/``num_classes``.
@@ -48,7 +50,7 @@ def memory(
         top: how many of the largest tensors to list.
         output: also write the report to this Markdown file.
     """
-    net = LogitsOnly(load_network(checkpoint, network, model_class, num_classes, network_attribute)).eval()
+    net = LogitsOnly(load_network(checkpoint, network, model_class, num_classes, network_attribute, recipe)).eval()
     x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0))
     sections = [format_memory_report(memory_report(net, x, top=top, measure=measure), "Activation memory, untiled")]
     if grids:

@@ -123,3 +123,11 @@ def test_memory_cli_prints_untiled_and_tiled_reports(tmp_path, capsys):
     assert "# Activation memory, untiled" in printed and "# Activation memory, tiled 2x2" in printed
     assert "| fp32 |" in printed and "| int8 |" in printed and "Largest difference to untiled output" in printed
     assert out_file.read_text().strip() == printed.strip()
+
+
+def test_memory_cli_reads_a_recipe_and_needs_one_source(capsys):
+    memory_main(["--recipe=recipes/quickstart.yaml", "--input_size=[1,3,64,64]", "--measure=false"])
+    printed = capsys.readouterr().out
+    assert "Input 1x3x64x64" in printed and "not measured" in printed and "network.decoder" in printed
+    with pytest.raises(ValueError, match="exactly one"):
+        memory_main(["--input_size=[1,3,64,64]"])

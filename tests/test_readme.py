@@ -13,7 +13,7 @@ def python_blocks():
 @pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     """The examples run in order in one namespace, as a reader would paste them."""
-    basics, pruning = python_blocks()
+    basics, pruning, memory = python_blocks()
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "readme_example"}
     exec(compile(basics, str(README), "exec"), namespace)
@@ -29,6 +29,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     restored_params = namespace["model_stats"](namespace["find_network"](namespace["restored"]), namespace["x"]).params
     assert restored_params < namespace["model_stats"](namespace["net"], namespace["x"]).params
     assert f"ModelStats(params={restored_params}" in out
+
+    exec(compile(memory, str(README), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "| fp32 |" in out and "| int8 |" in out and "4x4 tiles; prefix:" in out and "tail:" in out
 
 
 @pytest.mark.parametrize("index, expected", [(0, ["lraspp_mobilenet_v3_large", "CityscapesDataModule"]),

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import SMP_UNET
-from lightning_segcompress.benchmark.runner import LogitsOnly
+from lightning_segcompress.benchmark import BenchmarkSettings, LogitsOnly, benchmark_network
+from lightning_segcompress.benchmark.executorch_runtime import executorch_available
 from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
 from lightning_segcompress.memory import TiledInference, TilingError, measured_peak_bytes, memory_report
 from lightning_segcompress.models import build_network
@@ -139,13 +140,20 @@ def test_tiling_lowers_planned_and_measured_memory_when_the_peak_is_in_the_prefi
     assert measured_peak_bytes(tiled, x) < measured_peak_bytes(net, x) / 4
 
 
-def test_tiled_model_exports_to_the_lite_interpreter(tmp_path):
+@pytest.mark.slow
+def test_tiled_model_exports_to_the_lite_interpreter_and_executorch(tmp_path):
     net = build_network(TV_LRASPP, num_classes=3).eval()
     x = torch.randn(1, 3, 64, 80)
     tiled = LogitsOnly(TiledInference(net, x.shape, (2, 2)))
     info = export_torchscript_lite(tiled, x, tmp_path / "tiled.ptl")
     with torch.no_grad():
         torch.testing.assert_close(load_lite(info["path"])(x), net(x)["out"], atol=1e-4, rtol=0)
+    if executorch_available()[0]:  # a small tiled net: lowering a tiled LR-ASPP takes a minute
+        small = TiledInference(ResamplingTail().eval(), (1, 3, 32, 48), (2, 2), max_stride=None)
+        settings = BenchmarkSettings(input_shape=(1, 3, 32, 48), runtimes=("executorch",), warmup=0, runs=1,
+                                     isolate=False, memory=False)
+        entry = benchmark_network(small, settings, tmp_path)["runtimes"]["executorch"]
+        assert entry["status"] == "ok" and entry["max_abs_diff"] <= 1e-4, entry
 
 
 class GlobalFirst(nn.Module):
