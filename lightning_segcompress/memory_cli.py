@@ -12,7 +12,7 @@ from jsonargparse import CLI
 
 from lightning_segcompress.benchmark.runner import LogitsOnly
 from lightning_segcompress.benchmark_cli import load_network
-from lightning_segcompress.memory import TiledInference, format_memory_report, memory_report
+from lightning_segcompress.memory import TiledInference, format_memory_report, memory_report, write_tensor_table
 
 
 def memory(
@@ -30,6 +30,7 @@ def memory(
     measure: bool = True,
     top: int = 5,
     output: str | None = None,
+    tensors_csv: str | None = None,
 ) -> str:
     """Print where a network's activation memory goes, and what planning and tiling save.
 
@@ -49,10 +50,15 @@ def memory(
         measure: also run the network eagerly and record its peak of live tensors.
         top: how many of the largest tensors to list.
         output: also write the report to this Markdown file.
+        tensors_csv: also write every activation of the untiled network in execution order (size fp32/int8,
+            first and last step, planned offset) to this CSV file.
     """
     net = LogitsOnly(load_network(checkpoint, network, model_class, num_classes, network_attribute, recipe)).eval()
     x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0))
-    sections = [format_memory_report(memory_report(net, x, top=top, measure=measure), "Activation memory, untiled")]
+    untiled = memory_report(net, x, top=top, measure=measure)
+    sections = [format_memory_report(untiled, "Activation memory, untiled")]
+    if tensors_csv:
+        write_tensor_table(untiled, tensors_csv)
     if grids:
         with torch.no_grad():
             reference = net(x)

@@ -1,3 +1,5 @@
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,9 +118,13 @@ def test_untraceable_model_gets_one_clear_error():
 
 
 def test_memory_cli_prints_untiled_and_tiled_reports(tmp_path, capsys):
-    out_file = tmp_path / "memory.md"
+    out_file, csv_file = tmp_path / "memory.md", tmp_path / "tensors.csv"
     memory_main([f"--network={SMP_DEEPLAB}".replace("'", '"'), "--num_classes=3", "--input_size=[1,3,64,64]",
-                 "--grids=[[2,2]]", f"--output={out_file}"])
+                 "--grids=[[2,2]]", f"--output={out_file}", f"--tensors_csv={csv_file}"])
+    rows = list(csv.DictReader(csv_file.open()))
+    assert rows[0]["shape"] == "1x3x64x64" and rows[0]["first_step"] == "0"  # the input, first in execution order
+    assert [int(r["first_step"]) for r in rows] == sorted(int(r["first_step"]) for r in rows)
+    assert all(int(r["int8_bytes"]) * 4 == int(r["bytes"]) for r in rows)
     printed = capsys.readouterr().out
     assert "# Activation memory, untiled" in printed and "# Activation memory, tiled 2x2" in printed
     assert "| fp32 |" in printed and "| int8 |" in printed and "Largest difference to untiled output" in printed

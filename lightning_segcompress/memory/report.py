@@ -3,7 +3,9 @@ next to what eager PyTorch measurably holds for the same input."""
 
 from __future__ import annotations
 
+import csv
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -36,6 +38,7 @@ class MemoryReport:
     fp32: ArenaSummary
     int8: ArenaSummary
     measured_peak: int | None = None
+    tensors: list[dict] = field(default_factory=list)  # every activation in execution order, with its fp32 offset
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,11 +75,25 @@ def memory_report(network: nn.Module, example: torch.Tensor, alignment: int = 64
     graph = export_graph(network, example).graph
     fp32_buffers, steps = activation_buffers(graph)
     int8_buffers, _ = activation_buffers(graph, int8=True)
-    fp32, _ = summarize(fp32_buffers, steps, alignment, top)
+    fp32, plan = summarize(fp32_buffers, steps, alignment, top)
     int8, _ = summarize(int8_buffers, steps, alignment, top)
     measured = measured_peak_bytes(network, example) if measure else None
+    tensors = [{**_describe(b), "int8_bytes": b8.size, "first_step": b.first, "last_step": b.last,
+                "offset": plan.offsets[b.name]} for b, b8 in zip(fp32_buffers, int8_buffers)]
     return MemoryReport(input_shape=list(example.shape), buffers=len(fp32_buffers), steps=len(steps),
-                        fp32=fp32, int8=int8, measured_peak=measured)
+                        fp32=fp32, int8=int8, measured_peak=measured, tensors=tensors)
+
+
+def write_tensor_table(report: MemoryReport, path: str | Path) -> Path:
+    """Every activation in execution order (size fp32/int8, lifetime, planned offset) as CSV."""
+    path = Path(path)
+    columns = ("tensor", "module", "shape", "bytes", "int8_bytes", "first_step", "last_step", "offset")
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in report.tensors:
+            writer.writerow({**row, "shape": "x".join(map(str, row["shape"]))})
+    return path
 
 
 def _describe(buffer: Buffer) -> dict:

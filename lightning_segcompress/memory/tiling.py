@@ -137,10 +137,15 @@ def _tile_bounds(size: int, parts: int) -> list[int]:
     return [round(i * size / parts) for i in range(parts + 1)]
 
 
+def _outputs(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The segment's tensors read after it: they are stitched."""
+    inside = set(nodes)
+    return [n for n in nodes if n.op != "placeholder" and any(u not in inside for u in n.users)]
+
+
 def plan_segment(nodes: list[fx.Node], grid: tuple[int, int], reason: str) -> Segment:
     """For each tile, the region of every tensor of the segment that the tile of its outputs needs."""
-    inside = set(nodes)
-    outputs = [n for n in nodes if n.op != "placeholder" and any(u not in inside for u in n.users)]
+    inside, outputs = set(nodes), _outputs(nodes)
     for node in outputs:
         h, w = spatial(node)
         if h < grid[0] or w < grid[1]:
@@ -183,7 +188,9 @@ def plan_tiles(graph: fx.Graph, grid: tuple[int, int], split_after: str | None =
         segments["prefix"] = plan_segment(prefix, grid, why_prefix)
     if tail:
         nodes, why_tail = find_tail(graph, set(prefix), max_stride)
-        if any(n.op == "call_function" for n in nodes):
+        # a tail of maps smaller than the grid (a classifier on pooled features) is left untiled
+        if any(n.op == "call_function" for n in nodes) and all(
+                min(spatial(n)[0] - grid[0], spatial(n)[1] - grid[1]) >= 0 for n in _outputs(nodes)):
             segments["tail"] = plan_segment(nodes, grid, why_tail)
     if not segments:
         raise TilingError(f"Nothing to tile: no local ops at the start or the end of the network (prefix "
@@ -345,7 +352,11 @@ class TiledInference(nn.Module):
             kwargs = {k: self._value(v, env) for k, v in kwargs.items()}
             return self._windows[node].run(node, kwargs, value, have, self._sizes[source], region)
         if node in self._resamples:
-            value, have = self._region_of(node.all_input_nodes[0], tile, env)
+            source = node.all_input_nodes[0]
+            value, have = self._region_of(source, tile, env)
+            if have == (0, *self._sizes[source][:1], 0, self._sizes[source][1]) and \
+                    region == (0, *self._sizes[node][:1], 0, self._sizes[node][1]):
+                return node.target(*fx.node.map_arg(node.args, lambda _: value))  # whole map: ATen's kernel
             return self._resamples[node].run(value, have, region)
 
         def load(arg: fx.Node):
