@@ -36,7 +36,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("index, expected", [(0, ["lraspp_mobilenet_v3_large", "CityscapesDataModule"]),
-                                             (1, ["DeviceBenchmark", "torchscript_lite"]),
+                                             (1, ["DeviceBenchmark", "torchscript_lite", "tile_grids"]),
                                              (2, ["StructuredPruning", "conv_stem"]),
                                              (3, ["KnowledgeDistillation", "pixel_kl", "best.ckpt"]),
                                              (4, ["QuantizationAwareTraining", "freeze_bn_epoch: 10"])])

@@ -31,6 +31,7 @@ from lightning_segcompress.memory.regions import (
     clip,
     conv_macs,
     crop_to,
+    is_map,
     resample,
     spatial,
     union,
@@ -38,6 +39,7 @@ from lightning_segcompress.memory.regions import (
     window,
 )
 from lightning_segcompress.memory.trace import depends_on_input, export_graph, module_path, module_paths
+from lightning_segcompress.utils.inspection import count_macs
 
 
 @dataclass(frozen=True)
@@ -263,9 +265,7 @@ class TiledInference(nn.Module):
         self._free_after: dict[int, list[fx.Node]] = {}
         for value, i in last_read.items():
             self._free_after.setdefault(i, []).append(value)
-        self._sizes = {n: spatial(n) for n in dependent if n.op != "output" and isinstance(n.meta.get("val"),
-                                                                                               torch.Tensor)
-                       and n.meta["val"].dim() == 4}
+        self._sizes = {n: spatial(n) for n in dependent if n.op != "output" and is_map(n)}
         self._stitched = {n: (tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
                           for seg in self.plan.segments.values() for n in seg.outputs}
         self._windows = {n: window(n) for seg in self.plan.segments.values() for n in seg.nodes
@@ -291,8 +291,6 @@ class TiledInference(nn.Module):
         """MACs of one call: the network's, plus the convolutions recomputed in the halos. (Its ops are not
         modules, so hook-based counters see none of them.)"""
         if self._macs is None:
-            from lightning_segcompress.utils.inspection import count_macs
-
             extra = sum(s.tiled_macs - s.macs for s in self.plan.segments.values())
             self._macs = count_macs(self._source[0], torch.zeros(self.input_shape)) + extra
         return self._macs
