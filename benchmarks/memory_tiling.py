@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from _results import write_results  # noqa: E402
 
 from lightning_segcompress.benchmark import LogitsOnly  # noqa: E402
+from lightning_segcompress.benchmark.report import format_value  # noqa: E402
 from lightning_segcompress.benchmark.timing import current_rss_mb, measure_latency, peak_rss_mb, reset_peak_rss  # noqa: E402
 from lightning_segcompress.memory import TiledInference, memory_report  # noqa: E402
 from lightning_segcompress.models import build_network  # noqa: E402
@@ -158,13 +159,13 @@ def _table(data: dict, shape: list[int]) -> str:
             rss = statistics.median(e["rss_growth_mb"] for e in eager) if eager else None
             ms = statistics.median(e["median_ms"] for e in eager) if eager else None
             if plan is None:
-                cells = [model, label, "", "", "", "", "", "", "", _f(rss, 0), _f(ms, 0), ""]
+                cells = [model, label, "", "", "", "", "", "", "", format_value(rss, 0), format_value(ms, 0), ""]
             else:
-                cells = [model, label, _f(plan["naive_mb"], 1), _f(plan["planned_mb"], 1),
-                         _f(plan["lower_bound_mb"], 1),
-                         _f(plan["planned_mb"] / naive, 3), _f(plan["int8_planned_mb"], 1),
-                         f"{plan['max_abs_diff']:.1e}", _f(plan.get("macs_ratio"), 2, "x"), _f(rss, 0), _f(ms, 0),
-                         f"`{plan['peak_at']}`"]
+                cells = [model, label, format_value(plan["naive_mb"], 1), format_value(plan["planned_mb"], 1),
+                         format_value(plan["lower_bound_mb"], 1),
+                         format_value(plan["planned_mb"] / naive, 3), format_value(plan["int8_planned_mb"], 1),
+                         f"{plan['max_abs_diff']:.1e}", format_value(plan.get("macs_ratio"), 2, "x"),
+                         format_value(rss, 0), format_value(ms, 0), f"`{plan['peak_at']}`"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "planned / naive is against the untiled network's naive sum; prefix MACs = convolution MACs of "
                   "the tiled segments, tiled / untiled. Segments:"]
@@ -173,10 +174,6 @@ def _table(data: dict, shape: list[int]) -> str:
             if "segments" in plan:
                 lines.append(f"- {model}, {label}: {plan['segments']}")
     return "\n".join(lines)
-
-
-def _f(value, digits: int, suffix: str = "") -> str:
-    return "" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 if __name__ == "__main__":

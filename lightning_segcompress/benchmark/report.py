@@ -77,16 +77,16 @@ def markdown_table(stages: dict[str, dict], label: str = "stage") -> str:
                 stage,
                 runtime,
                 status.replace("|", "/"),
-                _fmt(entry.get("median_ms"), 1),
-                _fmt(entry.get("p90_ms"), 1),
-                _fmt(entry.get("size_mb"), 2),
-                _fmt(_scale(report.get("params"), 1e6), 3),
-                _fmt(_scale(report.get("macs"), 1e9), 3),
-                _fmt(entry.get("model_peak_mb"), 0),
-                _fmt(ratio.get("speedup"), 2, "x"),
-                _fmt(ratio.get("size_ratio"), 2, "x"),
-                _fmt(ratio.get("macs_ratio"), 2, "x"),
-                _fmt(ratio.get("efficiency"), 2),
+                format_value(entry.get("median_ms"), 1),
+                format_value(entry.get("p90_ms"), 1),
+                format_value(entry.get("size_mb"), 2),
+                format_value(_scale(report.get("params"), 1e6), 3),
+                format_value(_scale(report.get("macs"), 1e9), 3),
+                format_value(entry.get("model_peak_mb"), 0),
+                format_value(ratio.get("speedup"), 2, "x"),
+                format_value(ratio.get("size_ratio"), 2, "x"),
+                format_value(ratio.get("macs_ratio"), 2, "x"),
+                format_value(ratio.get("efficiency"), 2),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -109,9 +109,9 @@ def memory_table(stages: dict[str, dict], label: str = "stage") -> str:
             lines.append(f"| {stage} | {message} |" + " |" * (len(MEMORY_COLUMNS) - 1))
             continue
         ratio = memory["planned_mb"] / memory["naive_mb"] if memory["naive_mb"] else None
-        cells = [stage, *(_fmt(memory[k], 2) for k in ("naive_mb", "planned_mb", "lower_bound_mb", "int8_planned_mb",
-                                                        "measured_peak_mb")),
-                 _fmt(ratio, 3), f"`{memory['peak_module'] or '—'}`"]
+        numbers = ("naive_mb", "planned_mb", "lower_bound_mb", "int8_planned_mb", "measured_peak_mb")
+        cells = [stage, *(format_value(memory[k], 2) for k in numbers), format_value(ratio, 3),
+                 f"`{memory['peak_module'] or '—'}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -120,7 +120,8 @@ def _scale(value, factor):
     return None if value is None else value / factor
 
 
-def _fmt(value, digits: int, suffix: str = "") -> str:
+def format_value(value, digits: int, suffix: str = "") -> str:
+    """``value`` with ``digits`` decimals and ``suffix``; empty for None (a table cell)."""
     return "" if value is None else f"{value:.{digits}f}{suffix}"
 
 

@@ -26,7 +26,9 @@ from lightning_segcompress.memory.regions import (
     RESAMPLE,
     WINDOWED,
     Region,
+    Resample,
     TilingError,
+    Window,
     arguments,
     clip,
     conv_macs,
@@ -53,6 +55,7 @@ class Segment:
     macs: int  # convolution MACs untiled
     tiled_macs: int  # and summed over the tiles (halos are computed more than once)
     reason: str
+    reach: dict[fx.Node, Window | Resample]  # how far each window / resampling op reads back
 
     def describe(self, name: str) -> str:
         first, last = (module_path(n) or n.name for n in (self.nodes[0], self.nodes[-1]))
@@ -153,8 +156,8 @@ def plan_segment(nodes: list[fx.Node], grid: tuple[int, int], reason: str) -> Se
         if h < grid[0] or w < grid[1]:
             raise TilingError(f"A {grid[0]}x{grid[1]} grid is finer than the tiled output {node.name} ({h}x{w}); "
                               "use a coarser grid or a shorter prefix (split_after).")
-    needs = {n: window(n) for n in nodes if n.target in WINDOWED}
-    needs.update({n: resample(n) for n in nodes if n.target in RESAMPLE})
+    reach: dict[fx.Node, Window | Resample] = {n: window(n) for n in nodes if n.target in WINDOWED}
+    reach.update({n: resample(n) for n in nodes if n.target in RESAMPLE})
     convolutions = [n for n in nodes if n.target in CONVOLUTION]
     tiles, output_tiles, tiled_macs = [], [], 0
     for i in range(grid[0]):
@@ -170,13 +173,13 @@ def plan_segment(nodes: list[fx.Node], grid: tuple[int, int], reason: str) -> Se
                     continue
                 for arg in node.all_input_nodes:
                     if arg in inside:
-                        need = clip(needs[node].needed(region), spatial(arg)) if node in needs else region
+                        need = clip(reach[node].needed(region), spatial(arg)) if node in reach else region
                         regions[arg] = union(regions.get(arg), need)
             tiles.append(regions)
             output_tiles.append(wanted)
             tiled_macs += sum(conv_macs(n, regions[n]) for n in convolutions if n in regions)
     macs = sum(conv_macs(n, (0, spatial(n)[0], 0, spatial(n)[1])) for n in convolutions)
-    return Segment(tuple(nodes), tuple(outputs), tuple(tiles), tuple(output_tiles), macs, tiled_macs, reason)
+    return Segment(tuple(nodes), tuple(outputs), tuple(tiles), tuple(output_tiles), macs, tiled_macs, reason, reach)
 
 
 def plan_tiles(graph: fx.Graph, grid: tuple[int, int], split_after: str | None = None, tail: bool = True,
@@ -268,11 +271,8 @@ class TiledInference(nn.Module):
         self._sizes = {n: spatial(n) for n in dependent if n.op != "output" and is_map(n)}
         self._stitched = {n: (tuple(int(d) for d in n.meta["val"].shape), n.meta["val"].dtype)
                           for seg in self.plan.segments.values() for n in seg.outputs}
-        self._windows = {n: window(n) for seg in self.plan.segments.values() for n in seg.nodes
-                         if n.target in WINDOWED}
-        self._resamples = {n: resample(n) for seg in self.plan.segments.values() for n in seg.nodes
-                           if n.target in RESAMPLE}
-        self._kwargs = {n: arguments(n) for n in self._windows}
+        self._reach = {n: op for seg in self.plan.segments.values() for n, op in seg.reach.items()}
+        self._kwargs = {n: arguments(n) for n, op in self._reach.items() if isinstance(op, Window)}
         self._release: dict[str, dict[int, list[fx.Node]]] = {}
         for name, seg in self.plan.segments.items():
             order = {n: i for i, n in enumerate(seg.nodes)}
@@ -343,19 +343,20 @@ class TiledInference(nn.Module):
         return env[arg], (0, height, 0, width)
 
     def _run_region(self, node: fx.Node, region: Region, tile: dict, env: dict) -> torch.Tensor:
-        if node in self._windows:
+        op = self._reach.get(node)
+        if isinstance(op, Window):
             kwargs = dict(self._kwargs[node])
             source = kwargs.pop(next(iter(kwargs)))  # the map a window slides over is every such op's first argument
             value, have = self._region_of(source, tile, env)
             kwargs = {k: self._value(v, env) for k, v in kwargs.items()}
-            return self._windows[node].run(node, kwargs, value, have, self._sizes[source], region)
-        if node in self._resamples:
+            return op.run(node, kwargs, value, have, self._sizes[source], region)
+        if isinstance(op, Resample):
             source = node.all_input_nodes[0]
             value, have = self._region_of(source, tile, env)
             if have == (0, *self._sizes[source][:1], 0, self._sizes[source][1]) and \
                     region == (0, *self._sizes[node][:1], 0, self._sizes[node][1]):
                 return node.target(*fx.node.map_arg(node.args, lambda _: value))  # whole map: ATen's kernel
-            return self._resamples[node].run(value, have, region)
+            return op.run(value, have, region)
 
         def load(arg: fx.Node):
             if arg in tile or arg in self._sizes and arg in env:
