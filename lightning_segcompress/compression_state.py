@@ -138,3 +138,24 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
     state_dict = checkpoint.get("state_dict", checkpoint)
     model.load_state_dict(state_dict, strict=strict)
     return model
+
+
+def load_network_weights(network: nn.Module, path: str | os.PathLike, error: type[Exception] = ValueError,
+                         hint: str = "Check the network's class_path and init_args.") -> nn.Module:
+    """Load a Lightning checkpoint or a bare state dict into ``network``, whatever prefix the keys carry (``net.``,
+    ``model.``), replaying the checkpoint's compression stages first; returns the network (a replacement where a
+    stage replaces it). Keys that match under no prefix raise ``error`` with ``hint``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if entry:
+        network = apply_stages(network, entry["stages"])
+    state = checkpoint.get("state_dict", checkpoint)
+    wanted = set(network.state_dict())
+    prefixes = [""] + sorted({k.split(".")[0] + "." for k in state if "." in k})
+    for prefix in prefixes:
+        candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(candidate) == wanted:
+            network.load_state_dict(candidate)
+            return network
+    raise error(f"{path} holds no weights for {type(network).__name__}: its keys (e.g. {list(state)[:3]}) do not "
+                f"match the network's (e.g. {list(wanted)[:3]}). {hint}")

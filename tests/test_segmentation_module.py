@@ -115,3 +115,28 @@ def test_class_count_mismatch_with_data_is_reported(tmp_path):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SegmentationModule(network=nn.Conv2d(3, 2, 1), **{"num_classes": 2, **kwargs})
+
+
+def test_weights_start_the_network_from_a_pruned_checkpoint(tmp_path):
+    from lightning_segcompress.pruning import PruningConfig, build_importance, measure, plan_step, prune_with_history
+
+    torch.manual_seed(0)
+    trained = SegmentationModule(network=SMP_DEEPLAB, num_classes=3)
+    x = torch.randn(1, 3, 64, 64)
+    plan = plan_step(trained.net, x, build_importance("l1"), "macs", 0.3, measure(trained.net, x)["macs"],
+                     PruningConfig())
+    prune_with_history(trained.net, plan.history, x)
+    checkpoint = {"state_dict": trained.state_dict()}
+    from lightning_segcompress.compression_state import write_to_checkpoint
+
+    write_to_checkpoint(checkpoint, trained, "net")
+    torch.save(checkpoint, tmp_path / "pruned.ckpt")
+
+    started = SegmentationModule(network=SMP_DEEPLAB, num_classes=3, weights=str(tmp_path / "pruned.ckpt"))
+    assert torch.equal(started.eval()(x), trained.eval()(x))
+    assert "weights" not in started.hparams
+    with pytest.raises(ValueError, match="is not a file"):
+        SegmentationModule(network=SMP_DEEPLAB, num_classes=3, weights=str(tmp_path / "missing.ckpt"))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="holds no weights for DeepLabV3Plus"):
+        SegmentationModule(network=SMP_DEEPLAB, num_classes=3, weights=str(tmp_path / "wrong.pt"))

@@ -104,6 +104,9 @@ def memory_table(stages: dict[str, dict], label: str = "stage") -> str:
         memory = content["report"].get("memory")
         if memory is None:
             continue
+        if memory["status"] == "skipped":
+            lines.append(f"| {stage} | skipped: {memory['reason']} |" + " |" * (len(MEMORY_COLUMNS) - 1))
+            continue
         if memory["status"] != "ok":
             message = f"error: {memory['error']['type']}: {memory['error']['message'][:100]}".replace("|", "/")
             lines.append(f"| {stage} | {message} |" + " |" * (len(MEMORY_COLUMNS) - 1))

@@ -21,9 +21,17 @@ from lightning_segcompress.benchmark.executorch_runtime import (
 from lightning_segcompress.benchmark.timing import measure_latency, num_threads
 from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
 from lightning_segcompress.memory import TiledInference, memory_report
-from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, extract_logits
+from lightning_segcompress.utils.inspection import (
+    count_macs,
+    count_params,
+    evaluation_mode,
+    extract_logits,
+    has_int8_modules,
+)
 
 RUNTIMES = ("eager", "torchscript_lite", "executorch")
+INT8_MEMORY_REASON = ("torch.export cannot trace FX int8 modules; the float stage's 'int8 planned' column estimates "
+                      "this arena")
 _ARTIFACTS = {"torchscript_lite": "model.ptl", "executorch": "model.pte"}
 
 
@@ -130,6 +138,8 @@ def benchmark_tiled(network: nn.Module, grid: Sequence[int], settings: Benchmark
 
 def _memory(model: nn.Module, x: torch.Tensor) -> dict:
     """Planner numbers (MB) and eager's measured peak; an untraceable model is recorded, not raised."""
+    if has_int8_modules(model):
+        return {"status": "skipped", "reason": INT8_MEMORY_REASON}
     try:
         report = memory_report(model, x, top=1)
     except Exception as err:  # noqa: BLE001
@@ -157,6 +167,9 @@ def _run_executorch(model, x, reference, settings, output_dir) -> dict:
     available, reason = executorch_available()
     if not available:
         return {"status": "skipped", "reason": reason}
+    if has_int8_modules(model):
+        return {"status": "skipped", "reason": "FX int8 modules run on TorchScript lite; quantize with backend pt2e "
+                                               "for ExecuTorch"}
     path = output_dir / _ARTIFACTS["executorch"]
     info = export_executorch(model, x, path)
     program = ExecuTorchProgram(path, num_threads=settings.threads)  # its thread pool ignores torch's setting

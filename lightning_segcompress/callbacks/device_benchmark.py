@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_segcompress.benchmark import (
@@ -16,9 +18,28 @@ from lightning_segcompress.benchmark import (
     memory_table,
     write_report,
 )
+from lightning_segcompress.benchmark.compression_report import (
+    channels_figure,
+    compression_table,
+    conv_widths,
+    predicted_classes,
+    samples_figure,
+    tradeoff_figure,
+    write_compression_report,
+)
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
-from lightning_segcompress.callbacks._plumbing import run_dir
-from lightning_segcompress.utils.inspection import find_network
+from lightning_segcompress.callbacks._plumbing import run_dir, validation_batches
+from lightning_segcompress.compression_state import get_stages
+from lightning_segcompress.models.segmentation_module import split_batch
+from lightning_segcompress.utils.inspection import (
+    copy_without_hooks,
+    evaluation_mode,
+    extract_logits,
+    find_network,
+    has_int8_modules,
+    module_device,
+)
+from lightning_segcompress.utils.metrics import miou_evaluator
 
 
 class DeviceBenchmark(Callback):
@@ -32,8 +53,17 @@ class DeviceBenchmark(Callback):
     :class:`~lightning_segcompress.memory.TiledInference` (stage ``<stage>_tiled_<rows>x<cols>``), after
     checking that tiled and untiled outputs agree within ``tolerance``.
 
+    With ``per_technique`` a stage is also measured each time one compression technique hands over to the next
+    (``after_<kind>``, e.g. ``after_structured_pruning`` right before quantization-aware training starts), and
+    the baseline's accuracy is taken right before the first compression step, when it is trained. Each stage is
+    scored on the validation data (``val mIoU``, the same ``eval_batches`` every time).
+
     Results go to ``benchmark.json`` and ``benchmark.md`` in ``output_dir``, to the trainer's loggers
-    (``benchmark/<stage>/<runtime>/<metric>``) and to stdout. An export or timing failure is recorded in the
+    (``benchmark/<stage>/<runtime>/<metric>``) and to stdout. At fit end, ``report`` writes the compression
+    report there: ``compression_report.md`` / ``.html`` (one row per stage: val mIoU, params, MACs, latency, file
+    size and ratios per runtime, planned activation memory) and PNGs (mIoU vs latency, mIoU vs size, channels
+    per layer, sample predictions: image, ground truth, teacher, student); with a TensorBoard logger the same
+    figures go to TensorBoard (``compression/<name>``). An export or timing failure is recorded in the
     report, never raised: it cannot crash or lose a training run. Only global rank 0 measures.
 
     Args:
@@ -57,6 +87,11 @@ class DeviceBenchmark(Callback):
         split_after: end the tiled prefix after this module (default: before the first non-local op).
         tile_tail: also tile the local ops after the last non-local op (decoder, final upsampling).
         tile_max_stride: tile only maps downsampled at most this many times (``None``: no limit).
+        per_technique: also measure the network as each compression technique leaves it.
+        eval_batches: validation batches each stage is scored on (``None``: all; ``0``: no accuracy).
+        report: write the compression report (Markdown, HTML, PNGs) at fit end.
+        samples: images in the report's sample-prediction grid.
+        ignore_index: label ignored by the mIoU and shown black in the samples.
 
     Example::
 
@@ -89,6 +124,11 @@ class DeviceBenchmark(Callback):
         split_after: str | None = None,
         tile_tail: bool = True,
         tile_max_stride: int | None = 8,
+        per_technique: bool = True,
+        eval_batches: int | None = None,
+        report: bool = True,
+        samples: int = 4,
+        ignore_index: int = 255,
     ) -> None:
         if isinstance(runtimes, str):
             runtimes = [runtimes]
@@ -108,8 +148,20 @@ class DeviceBenchmark(Callback):
         self.measure_at_fit_start = on_fit_start
         self.measure_at_fit_end = on_fit_end
         self.every_n_epochs = every_n_epochs
+        if eval_batches is not None and eval_batches < 0:
+            raise ValueError(f"eval_batches must be >= 0 (0 = no accuracy, None = all), got {eval_batches}.")
+        if samples < 0:
+            raise ValueError(f"samples must be >= 0, got {samples}.")
         self.network_attribute = network_attribute
+        self.per_technique = per_technique
+        self.eval_batches = eval_batches
+        self.write_compression_report = report
+        self.samples = samples
+        self.ignore_index = ignore_index
         self.stages: dict[str, dict] = {}
+        self.technique: str | None = None  # the compression technique at work now
+        self._before_step: torch.nn.Module | None = None  # the network right before the current compression step
+        self._reference: torch.nn.Module | None = None  # the trained network before compression (for samples)
 
     @property
     def baseline(self) -> dict | None:
@@ -127,16 +179,45 @@ class DeviceBenchmark(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.measure_at_fit_end:
             self.measure(trainer, pl_module, "final")
+        if self.write_compression_report and trainer.is_global_zero and self.stages:
+            self.write_compression_report_files(trainer, pl_module)
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict | None:
-        """Benchmark the module's network now, as ``stage`` (and tiled, per ``tile_grids``); returns the report
-        (None on other ranks)."""
+    def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.per_technique and trainer.is_global_zero:
+            self._before_step = copy_without_hooks(find_network(pl_module, self.network_attribute))
+
+    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A new technique started (its first step just ran): measure the network as the previous one left it."""
+        before, self._before_step = self._before_step, None
+        stages = get_stages(find_network(pl_module, self.network_attribute))
+        kind = stages[-1]["kind"] if stages else None
+        if before is None or kind == self.technique:
+            return
+        finished, self.technique = self.technique, kind
+        if finished is None:
+            self._reference = before
+            if "baseline" in self.stages:  # measured at fit start: same architecture, now trained
+                self.stages["baseline"]["miou"] = self._score(trainer, before)
+                return
+        self.measure(trainer, pl_module, "baseline" if finished is None else f"after_{finished}", network=before)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
+                network: torch.nn.Module | None = None) -> dict | None:
+        """Benchmark ``network`` (default: the module's network now) as ``stage`` (and tiled, per
+        ``tile_grids``) and score it on the validation data; returns the report (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
         output_dir = run_dir(trainer, "benchmark", self.output_dir)
-        network = find_network(pl_module, self.network_attribute)
+        network = network if network is not None else find_network(pl_module, self.network_attribute)
         report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage)
-        for rows, cols in self.tile_grids:
+        miou = self._score(trainer, network)
+        self.stages[stage].update(miou=miou, channels=conv_widths(network),
+                                  techniques=[s["kind"] for s in get_stages(network)])
+        if miou is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"benchmark/{stage}/val_miou": miou}, step=trainer.global_step)
+        tile_grids = [] if has_int8_modules(network) else self.tile_grids  # int8 FX modules cannot be traced
+        for rows, cols in tile_grids:
             name = f"{stage}_tiled_{rows}x{cols}"
             self._record(trainer, name, benchmark_tiled, network, (rows, cols), self.settings, output_dir / name,
                          **self.tiling)
@@ -161,8 +242,76 @@ class DeviceBenchmark(Callback):
             logger.log_metrics(flat_metrics(stage, report, ratios), step=trainer.global_step)
         return report
 
+    def _score(self, trainer: pl.Trainer, network: torch.nn.Module) -> float | None:
+        """Validation mIoU of ``network`` on the first ``eval_batches`` batches (None without labelled data)."""
+        if self.eval_batches == 0:
+            return None
+        batches = self._labelled_batches(trainer, self.eval_batches)
+        if not batches:
+            return None
+        classes = extract_logits(_forward(network, batches[0][0][:1])).shape[1]
+        return miou_evaluator(batches, classes, self.ignore_index)(network)
+
+    def _labelled_batches(self, trainer: pl.Trainer, count: int | None) -> list:
+        batches = [split_batch(b) for b in validation_batches(trainer, count)]
+        return [(images, masks) for images, masks in batches if masks is not None]
+
+    def write_compression_report_files(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Write the compression report and its figures to ``output_dir`` (and TensorBoard); returns the paths."""
+        output_dir = run_dir(trainer, "benchmark", self.output_dir)
+        figures = {"miou_vs_latency": tradeoff_figure(self.stages, "median_ms"),
+                   "miou_vs_size": tradeoff_figure(self.stages, "size_mb"),
+                   "channels_per_layer": channels_figure(self.stages)}
+        if self.samples:
+            figures["samples"] = self._samples_figure(trainer, pl_module)
+        paths = write_compression_report(output_dir, self.stages, self.settings.as_dict(), figures)
+        for name, figure in figures.items():
+            if figure is None:
+                continue
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(f"compression/{name}", figure, global_step=trainer.global_step,
+                                                 close=False)
+            figure.clear()
+            _close(figure)
+        rank_zero_info(f"\nCompression report ({paths['markdown']}):\n{compression_table(self.stages)}\n")
+        return paths
+
+    def _samples_figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        images, masks = [], []
+        for batch_images, batch_masks in self._labelled_batches(trainer, None):
+            images.append(batch_images)
+            masks.append(batch_masks)
+            if sum(len(i) for i in images) >= self.samples:
+                break
+        if not images:
+            return None
+        images, masks = torch.cat(images)[:self.samples], torch.cat(masks)[:self.samples]
+        student = find_network(pl_module, self.network_attribute)
+        teacher = next((c.distiller.teacher for c in trainer.callbacks
+                        if getattr(c, "active", False) and getattr(c, "distiller", None) is not None), None)
+        predictions = {}
+        if teacher is not None or self._reference is not None:
+            label = "teacher" if teacher is not None else "before compression"
+            predictions[label] = predicted_classes(teacher if teacher is not None else self._reference, images)
+        predictions["student"] = predicted_classes(student, images)
+        classes = extract_logits(_forward(student, images[:1])).shape[1]
+        return samples_figure(images, masks, predictions, classes, self.ignore_index)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"stages": self.stages}
+        return {"stages": self.stages, "technique": self.technique}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stages = dict(state_dict.get("stages", {}))
+        self.technique = state_dict.get("technique")
+
+
+def _forward(network: torch.nn.Module, images: torch.Tensor):
+    with evaluation_mode(network):
+        return network(images.to(module_device(network)))
+
+
+def _close(figure) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)

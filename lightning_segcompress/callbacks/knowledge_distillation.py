@@ -18,7 +18,7 @@ from lightning_segcompress.callbacks._plumbing import (
     install_extra_parameters,
     remove_extra_parameters,
 )
-from lightning_segcompress.compression_state import apply_stages
+from lightning_segcompress.compression_state import load_network_weights
 from lightning_segcompress.distillation import (
     DistillationError,
     Distiller,
@@ -213,7 +213,8 @@ class KnowledgeDistillation(Callback):
         sets_classes = {"classes", "num_classes"} & set(teacher.get("init_args") or {})
         network = build_network(teacher, num_classes=None if sets_classes else classes)
         if self.teacher_checkpoint:
-            network = _load_weights(network, self.teacher_checkpoint)
+            network = load_network_weights(network, self.teacher_checkpoint, DistillationError,
+                                           "Check the teacher's class_path and init_args.")
         return network
 
     # ---- the loss --------------------------------------------------------------------------------------------
@@ -296,23 +297,3 @@ def _classifier_inputs(student: nn.Module, teacher: nn.Module, example: torch.Te
     except (IndexError, RuntimeError, ValueError):
         return None  # the Distiller then asks for student_layer / teacher_layer
     return f"{s}:input", f"{t}:input"
-
-
-def _load_weights(network: nn.Module, path: str) -> nn.Module:
-    """Load a Lightning checkpoint or a bare state dict into ``network``, whatever prefix the keys carry
-    (``net.``, ``model.``), replaying its compression stages first."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    entry = checkpoint.get("segcompress") if isinstance(checkpoint, Mapping) else None
-    if entry:
-        network = apply_stages(network, entry["stages"])
-    state = checkpoint.get("state_dict", checkpoint)
-    wanted = set(network.state_dict())
-    prefixes = [""] + sorted({k.split(".")[0] + "." for k in state if "." in k})
-    for prefix in prefixes:
-        candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(candidate) == wanted:
-            network.load_state_dict(candidate)
-            return network
-    raise DistillationError(f"teacher_checkpoint {path} holds no weights for {type(network).__name__}: its keys "
-                            f"(e.g. {list(state)[:3]}) do not match the network's (e.g. {list(wanted)[:3]}). Check the "
-                            "teacher's class_path and init_args.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
@@ -11,7 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lightning_segcompress.compression_state import restore_from_checkpoint, write_to_checkpoint
+from lightning_segcompress.compression_state import (
+    load_network_weights,
+    restore_from_checkpoint,
+    write_to_checkpoint,
+)
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.utils.inspection import extract_logits
 
@@ -41,6 +46,9 @@ class SegmentationModule(pl.LightningModule):
         momentum: SGD momentum.
         poly_power: exponent of the poly schedule; ``0`` keeps the learning rate constant.
         aux_loss_weight: weight of the cross-entropy on an ``"aux"`` output (torchvision ``aux_loss=True``).
+        weights: start the network from this file (a Lightning checkpoint, compressed ones too, or a bare state
+            dict): how a recipe compresses an already trained model. Not stored in the hyperparameters (the
+            module's own checkpoints carry the weights).
 
     Example::
 
@@ -62,6 +70,7 @@ class SegmentationModule(pl.LightningModule):
         momentum: float = 0.9,
         poly_power: float = 0.9,
         aux_loss_weight: float = 0.4,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -72,7 +81,9 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}.")
         if poly_power < 0:
             raise ValueError(f"poly_power must be >= 0, got {poly_power}.")
-        self.save_hyperparameters(ignore=["network"])
+        if weights is not None and not Path(weights).is_file():
+            raise ValueError(f"weights {weights!r} is not a file; give a checkpoint or state dict of this network.")
+        self.save_hyperparameters(ignore=["network", "weights"])
         if isinstance(network, nn.Module):
             self.net = network
         else:
@@ -80,6 +91,8 @@ class SegmentationModule(pl.LightningModule):
             self.net = build_network(spec, num_classes=num_classes)
             # Stored as plain data: load_from_checkpoint rebuilds the network from it.
             self.hparams["network"] = spec
+        if weights is not None:
+            self.net = load_network_weights(self.net, weights)
         self.criterion = nn.CrossEntropyLoss(ignore_index=ignore_index)
         metric_args = {"num_classes": num_classes, "ignore_index": ignore_index}
         self.val_miou = MulticlassJaccardIndex(average="macro", **metric_args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,14 +71,17 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         counted.append(output.numel() // output.shape[1] * weight.numel() if output.dim() > 2
                        else output.shape[0] * weight.numel())
 
-    handles = [m.register_forward_hook(hook) for m in quantized]
+    if quantized:  # a forward of its own: torch-pruning's counting pass does not run these hooks
+        handles = [m.register_forward_hook(hook) for m in quantized]
+        try:
+            with torch.no_grad():
+                model(example_input)
+        finally:
+            for handle in handles:
+                handle.remove()
     # Modules that run ops directly instead of through submodules (TiledInference) count themselves.
     counted += [m.own_macs() for m in model.modules() if hasattr(m, "own_macs")]
-    try:
-        macs, _ = tp.utils.count_ops_and_params(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    macs, _ = tp.utils.count_ops_and_params(model, example_input)
     return int(macs) + sum(counted)
 
 
@@ -87,7 +91,8 @@ def has_int8_modules(model: nn.Module) -> bool:
 
 
 def _is_int8_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.ao.nn.quantized")
+    # fused int8 blocks (ConvReLU2d, LinearReLU) live in torch.ao.nn.intrinsic.quantized
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
 
 
 def _quantized_weighted(model: nn.Module) -> list[nn.Module]:
@@ -292,6 +297,13 @@ def evaluation_mode(network: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def module_device(network: nn.Module) -> torch.device:
+    """Where ``network`` computes: its first parameter's (or buffer's) device; CPU for a module with neither (e.g.
+    an int8 network whose weights are packed)."""
+    tensor = next(itertools.chain(network.parameters(), network.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def copy_without_hooks(network: nn.Module) -> nn.Module:

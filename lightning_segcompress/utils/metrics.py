@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits
+from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
 
 Evaluator = Callable[[nn.Module], float]
 
@@ -23,7 +23,7 @@ def miou_evaluator(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_cla
         raise ValueError("no evaluation batches: scoring a network needs validation batches with labels.")
 
     def evaluate(network: nn.Module) -> float:
-        device = next(network.parameters()).device
+        device = module_device(network)
         # local to this process: callers decide on one rank (or on each) and broadcast, never sync mid-decision
         metric = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index,
                                         sync_on_compute=False).to(device)

@@ -1,0 +1,245 @@
+"""The compression report: one row per stage (baseline, after each technique, final) with validation mIoU and
+on-device cost, the accuracy/latency and accuracy/size trade-off, channels kept per layer and sample
+predictions, as Markdown, HTML and PNG. Pure torch + matplotlib (without matplotlib only the tables are
+written)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_segcompress.benchmark.report import format_value
+from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
+
+RUNTIME_LABELS = {"eager": "eager", "torchscript_lite": "lite", "executorch": "ExecuTorch"}
+
+
+def conv_widths(network: nn.Module) -> dict[str, int]:
+    """Output channels of every convolution (float, QAT-prepared or int8), keyed by module name; the inner conv of
+    a fused block (``name.0``) is reported under the block's name, so names match across those forms."""
+    modules = dict(network.named_modules())
+    widths = {}
+    for name, module in modules.items():
+        channels = getattr(module, "out_channels", None)
+        if not isinstance(channels, int) or "conv" not in type(module).__name__.lower():
+            continue
+        parent, _, last = name.rpartition(".")
+        if last == "0" and parent in modules and not hasattr(modules[parent], "out_channels") and \
+                isinstance(modules[parent], nn.Sequential) and type(modules[parent]).__module__.startswith(
+                    "torch.ao.nn.intrinsic"):
+            name = parent
+        widths[name] = channels
+    return widths
+
+
+def runtimes_in(stages: Mapping[str, dict]) -> list[str]:
+    """Runtimes measured in any stage, in the order first seen."""
+    seen: list[str] = []
+    for content in stages.values():
+        for runtime in content["report"].get("runtimes", {}):
+            if runtime not in seen:
+                seen.append(runtime)
+    return seen
+
+
+def stage_rows(stages: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The compression table as a header and rows of cells: stage, techniques, val mIoU and its change against
+    the baseline, params, MACs, per runtime latency / file size / speedup / times smaller, planned activations."""
+    runtimes = runtimes_in(stages)
+    header = ["stage", "techniques", "val mIoU", "mIoU change (points)", "params M", "GMACs"]
+    for runtime in runtimes:
+        label = RUNTIME_LABELS.get(runtime, runtime)
+        header += [f"{label} ms", f"{label} MB", f"{label} speedup", f"{label} x smaller"]
+    header.append("planned activations MB")
+    baseline_miou = stages.get("baseline", {}).get("miou")
+    rows = []
+    for name, content in stages.items():
+        report, ratios = content["report"], content.get("ratios") or {}
+        miou = content.get("miou")
+        change = None if miou is None or baseline_miou is None or name == "baseline" else 100 * (miou - baseline_miou)
+        row = [name, " + ".join(content.get("techniques") or []) or "none", format_value(miou, 4),
+               format_value(change, 2), _scaled(report.get("params"), 1e6, 3), _scaled(report.get("macs"), 1e9, 3)]
+        for runtime in runtimes:
+            entry = report.get("runtimes", {}).get(runtime, {})
+            ratio = ratios.get(runtime, {})
+            if entry.get("status") == "ok":
+                row += [format_value(entry.get("median_ms"), 1), format_value(entry.get("size_mb"), 2),
+                        format_value(ratio.get("speedup"), 2, "x"), format_value(ratio.get("size_ratio"), 2, "x")]
+            else:
+                row += [entry.get("status", "—"), "", "", ""]
+        memory = report.get("memory") or {}
+        row.append(format_value(memory.get("planned_mb"), 2) if memory.get("status") == "ok" else "")
+        rows.append(row)
+    return header, rows
+
+
+def compression_table(stages: Mapping[str, dict]) -> str:
+    """The stage table as Markdown."""
+    header, rows = stage_rows(stages)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _scaled(value, factor: float, digits: int) -> str:
+    return "" if value is None else format_value(value / factor, digits)
+
+
+# ---- figures --------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def tradeoff_figure(stages: Mapping[str, dict], key: str = "median_ms"):
+    """Validation mIoU against ``key`` (``"median_ms"`` or ``"size_mb"``) per runtime, stages joined in order;
+    ``None`` without matplotlib or without a stage that has both numbers."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    label = {"median_ms": "latency (ms, median)", "size_mb": "model file size (MB)"}[key]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    plotted = False
+    for runtime in runtimes_in(stages):
+        points = [(content["report"]["runtimes"][runtime][key], 100 * content["miou"], name)
+                  for name, content in stages.items()
+                  if content.get("miou") is not None
+                  and content["report"].get("runtimes", {}).get(runtime, {}).get("status") == "ok"]
+        if not points:
+            continue
+        plotted = True
+        xs, ys, names = zip(*points)
+        ax.plot(xs, ys, marker="o", label=RUNTIME_LABELS.get(runtime, runtime))
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(label)
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"mIoU vs {label.split(' (')[0]}")
+    fig.tight_layout()
+    return fig
+
+
+def channels_figure(stages: Mapping[str, dict]):
+    """Fraction of the baseline's output channels each stage keeps, per convolution (baseline order; gaps where a
+    stage lacks the layer); ``None`` without matplotlib or channel data."""
+    plt = _pyplot()
+    with_widths = {name: c["channels"] for name, c in stages.items() if c.get("channels")}
+    if plt is None or not with_widths:
+        return None
+    reference = with_widths.get("baseline") or next(iter(with_widths.values()))
+    layers = list(reference)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.08 * len(layers)), 4.2))
+    for name, widths in with_widths.items():
+        kept = [widths[layer] / reference[layer] if layer in widths else float("nan") for layer in layers]
+        ax.step(range(len(layers)), kept, where="mid", label=name, linewidth=1.2)
+    ax.set_xlabel(f"convolution (network order, {len(layers)} layers)")
+    ax.set_ylabel("output channels kept (of baseline)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    kept = _kept_fraction(reference, next(reversed(with_widths.values())))
+    ax.set_title("channels kept per layer" + (f" (last stage: {100 * kept:.0f} % overall)" if kept else ""))
+    fig.tight_layout()
+    return fig
+
+
+def _kept_fraction(reference: dict[str, int], widths: dict[str, int]) -> float | None:
+    shared = [layer for layer in reference if layer in widths]
+    total = sum(reference[layer] for layer in shared)
+    return sum(widths[layer] for layer in shared) / total if total else None
+
+
+def samples_figure(images: torch.Tensor, masks: torch.Tensor | None, predictions: Mapping[str, torch.Tensor],
+                   num_classes: int, ignore_index: int = 255):
+    """A grid with one row per image: the image, the ground truth and each labelled prediction (class maps
+    ``[N, H, W]``); ``None`` without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from matplotlib.colors import ListedColormap
+
+    colours = plt.get_cmap("tab20" if num_classes > 10 else "tab10").colors[:max(num_classes, 1)]
+    cmap = ListedColormap([(0.0, 0.0, 0.0), *colours])  # index 0: ignored pixels
+    columns = {"image": None, **({"ground truth": masks} if masks is not None else {}), **predictions}
+    rows = images.shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.0 * len(columns), 2.0 * rows), squeeze=False)
+    for r in range(rows):
+        for c, (title, maps) in enumerate(columns.items()):
+            ax = axes[r][c]
+            if maps is None:
+                image = images[r].float()
+                low, high = image.amin(), image.amax()
+                ax.imshow(((image - low) / (high - low + 1e-8)).permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            else:
+                shown = maps[r].long().clone() + 1
+                shown[maps[r] == ignore_index] = 0
+                ax.imshow(shown.cpu().numpy(), cmap=cmap, vmin=0, vmax=len(colours), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+
+def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict], settings: Mapping,
+                             figures: Mapping[str, object]) -> dict[str, Path]:
+    """Write ``compression_report.md``, ``compression_report.html`` and one PNG per figure (``name.png``; None
+    entries are skipped); returns the written paths by name."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, figure in figures.items():
+        if figure is None:
+            continue
+        path = output_dir / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        written[name] = path
+    shape = "x".join(str(s) for s in settings.get("input_shape", []))
+    intro = (f"Latency and size at input {shape}, threads {settings.get('threads') or 'default'}, "
+             f"{settings.get('warmup')} warm-up + {settings.get('runs')} timed runs (median). Speedup and "
+             "'x smaller' are baseline / stage in the same runtime; the mIoU change is against the baseline, in "
+             "points. Stages: the baseline, the network as each technique left it, the final model.")
+    images = [f"![{name}]({path.name})" for name, path in written.items()]
+    markdown = "\n\n".join(["# Compression report", intro, compression_table(stages), *images]) + "\n"
+    (output_dir / "compression_report.md").write_text(markdown)
+    written["markdown"] = output_dir / "compression_report.md"
+    header, rows = stage_rows(stages)
+    table = "<table>\n<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>\n" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>\n" for row in rows) + "</table>"
+    body = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(n)}"></p>' for n, p in written.items()
+                     if p.suffix == ".png")
+    (output_dir / "compression_report.html").write_text(
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>Compression report</title>"
+        "<style>body{font-family:sans-serif} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+        "table{border-collapse:collapse}</style></head><body>\n<h1>Compression report</h1>\n"
+        f"<p>{html.escape(intro)}</p>\n{table}\n{body}\n</body></html>\n")
+    written["html"] = output_dir / "compression_report.html"
+    return written
+
+
+def predicted_classes(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``network``'s class map for ``images`` (eval mode, logits resized to the images), on the CPU."""
+    with evaluation_mode(network):
+        logits = extract_logits(network(images.to(module_device(network))))
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = nn.functional.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.argmax(1).cpu()
