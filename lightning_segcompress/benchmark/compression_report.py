@@ -86,7 +86,7 @@ def compression_table(stages: Mapping[str, dict]) -> str:
 
 
 def _scaled(value, factor: float, digits: int) -> str:
-    return "" if value is None else format_value(value / factor, digits)
+    return "" if not value else format_value(value / factor, digits)  # 0: not countable (a PT2E int8 graph)
 
 
 # ---- figures --------------------------------------------------------------------------------------------------

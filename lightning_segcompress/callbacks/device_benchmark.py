@@ -80,7 +80,8 @@ class DeviceBenchmark(Callback):
         every_n_epochs: also measure after every N training epochs (0 = never).
         network_attribute: attribute path of the network in the LightningModule (default: found
             automatically, see ``find_network``).
-        tolerance: largest accepted absolute difference between a runtime's output and eager.
+        tolerance: largest accepted absolute difference between a runtime's output and eager (int8 networks,
+            whose kernels round differently: at least 98 % of the pixels must get eager's class instead).
         isolate: time exported models in a fresh subprocess per runtime (clean peak memory).
         memory: plan and measure activation memory for every stage.
         tile_grids: also measure tiled inference with these ``[rows, columns]`` grids, e.g. ``[[2, 2], [4, 4]]``.
