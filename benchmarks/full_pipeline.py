@@ -43,6 +43,9 @@ def parse_args():
     parser.add_argument("--num_val", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--amount", type=float, default=None, help="pruning amount (default: the recipe's)")
+    parser.add_argument("--target", default=None, help="pruning target: macs | params (default: the recipe's)")
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--no_pt2e", action="store_true", help="skip the pt2e run (needs torchao and executorch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--root", default="/tmp/segcompress_full_pipeline")
@@ -56,7 +59,7 @@ def recipe_config(args, root: Path, backend: str | None) -> dict:
     trainer = config["trainer"]
     trainer.update(max_epochs=args.epochs, default_root_dir=str(root), enable_progress_bar=False)
     config["data"]["init_args"].update(image_size=[args.image_size] * 2, num_train=args.num_train,
-                                       num_val=args.num_val, batch_size=args.batch_size)
+                                       num_val=args.num_val, batch_size=args.batch_size, num_workers=args.num_workers)
     callbacks = []
     for callback in trainer["callbacks"]:
         name, init = callback["class_path"].rsplit(".", 1)[-1], callback.setdefault("init_args", {})
@@ -70,6 +73,8 @@ def recipe_config(args, root: Path, backend: str | None) -> dict:
             init.update(start_epoch=args.prune_epochs[0], end_epoch=args.prune_epochs[1])
             if args.amount is not None:
                 init["amount"] = args.amount
+            if args.target is not None:
+                init["target"] = args.target
         elif name == "QuantizationAwareTraining":
             init.update(backend=backend, start_epoch=args.qat_start,
                         freeze_bn_epoch=min(args.qat_start + 2, args.epochs - 1),
@@ -99,6 +104,18 @@ def final_miou(stdout: str) -> float:
     return float(re.search(r"val_miou = ([0-9.]+)", stdout).group(1))
 
 
+def gpu_name() -> str:
+    import torch
+
+    return f", trained on {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def main() -> None:
     args = parse_args()
     root = Path(args.root)
@@ -106,21 +123,25 @@ def main() -> None:
     started = time.perf_counter()
     _, fx_seconds = run(recipe_config(args, root / "fx", "fx"), root / "fx")
     checkpoint = root / "fx" / "checkpoints" / "pre_qat.ckpt"
-    _, pt2e_seconds = run(recipe_config(args, root / "pt2e", "pt2e"), root / "pt2e", [f"--ckpt_path={checkpoint}"])
+    pt2e_seconds = None
+    if not args.no_pt2e:
+        _, pt2e_seconds = run(recipe_config(args, root / "pt2e", "pt2e"), root / "pt2e",
+                              [f"--ckpt_path={checkpoint}"])
     control_out, control_seconds = run(recipe_config(args, root / "control", None), root / "control")
     fx = json.loads((root / "fx" / "benchmark" / "benchmark.json").read_text())
-    pt2e = json.loads((root / "pt2e" / "benchmark" / "benchmark.json").read_text())
+    pt2e = None if args.no_pt2e else json.loads((root / "pt2e" / "benchmark" / "benchmark.json").read_text())
     control = final_miou(control_out)
 
     baseline = fx["stages"]["baseline"]
     rows, data = [], {"args": vars(args), "seconds": {"fx": fx_seconds, "pt2e": pt2e_seconds,
                                                       "control": control_seconds,
                                                       "total": time.perf_counter() - started},
-                      "control_miou": control, "stages": {"fx": fx["stages"], "pt2e": pt2e["stages"]}}
+                      "control_miou": control, "stages": {"fx": fx["stages"], "pt2e": pt2e and pt2e["stages"]}}
     entries = [("baseline (float, before pruning)", baseline, ("torchscript_lite", "executorch")),
                ("pruned + KD (float)", fx["stages"]["after_structured_pruning"], ("torchscript_lite", "executorch")),
-               ("pruned + KD + QAT fx int8", fx["stages"]["final"], ("torchscript_lite",)),
-               ("pruned + KD + QAT pt2e int8", pt2e["stages"]["final"], ("executorch",))]
+               ("pruned + KD + QAT fx int8", fx["stages"]["final"], ("torchscript_lite",))]
+    if pt2e is not None:
+        entries.append(("pruned + KD + QAT pt2e int8", pt2e["stages"]["final"], ("executorch",)))
     goals = {}
     for label, stage, runtimes in entries:
         for runtime in runtimes:
@@ -151,7 +172,7 @@ def main() -> None:
         f"(epochs {args.prune_epochs[0]}-{args.prune_epochs[1]}) with pixel-KD, fine-tuning, QAT from epoch "
         f"{args.qat_start}. Latency at 1x{'x'.join(map(str, settings['input_shape'][1:]))}, {settings['threads']} "
         f"threads, median of {settings['runs']} runs in a fresh process; machine: {os.uname().machine}, "
-        f"{os.cpu_count()} CPUs. Wall time {data['seconds']['total']:.0f} s.",
+        f"{os.cpu_count()} CPUs{gpu_name()}, torch {torch_version()}. Wall time {data['seconds']['total']:.0f} s.",
         "Drop = baseline (or control) mIoU - this stage's, in points (negative = better); ratios are baseline / stage "
         "in the same runtime. Control: the same recipe without compression, same epochs: val mIoU "
         f"{control:.4f}.",

@@ -162,6 +162,14 @@ def test_pt2e_qat_fit_ends_with_a_quantize_dequantize_graph(tmp_path):
     ops = {str(n.target) for n in model.net.graph.nodes}
     assert any("quantize_per_tensor" in op for op in ops)
     assert "val_miou" in trainer.validate(model, _data(image_size=(96, 96)))[0]  # H and W stay dynamic
+    # ExecuTorch runs it as int8 (XNNPACK rounds differently from the reference ops: compared by class)
+    from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network
+
+    settings = BenchmarkSettings(input_shape=(1, 3, 64, 64), runtimes=("executorch",), warmup=0, runs=1,
+                                 isolate=False, memory=False)
+    entry = benchmark_network(model.net, settings, tmp_path / "bench")["runtimes"]["executorch"]
+    assert entry["status"] == "ok", entry
+    assert entry["argmax_agreement"] >= settings.int8_agreement and entry["max_abs_diff"] > 0
 
 
 def test_bad_arguments_and_unknown_keep_float_names(tmp_path):

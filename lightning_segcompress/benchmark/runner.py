@@ -47,7 +47,7 @@ class BenchmarkSettings:
     warmup: int = 3
     runs: int = 10
     tolerance: float = 1e-3
-    int8_agreement: float = 0.98  # int8 models: least share of pixels whose class matches eager's
+    int8_agreement: float = 0.85  # int8: least share of pixels with eager's class (a broken export: ~1/classes)
     isolate: bool = True
     worker_timeout_s: float = 600.0
     memory: bool = True
@@ -155,7 +155,12 @@ def is_int8(model: nn.Module) -> bool:
     """Whether ``model`` (or the network a :class:`LogitsOnly` wraps) is an int8 conversion (FX or PT2E)."""
     network = model.network if isinstance(model, LogitsOnly) else model
     stage = quantization_stage(network)
-    return has_int8_modules(model) or bool(stage and stage.get("converted"))
+    if has_int8_modules(model) or (stage and stage.get("converted")):
+        return True
+    # a PT2E conversion is a graph of quantize/dequantize ops (a deep copy may not carry the stage record)
+    return any(node.op == "call_function" and "quantize_per_" in str(node.target)
+               for module in model.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes)
 
 
 def _run_eager(model, x, reference, settings, output_dir) -> dict:
