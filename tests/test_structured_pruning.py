@@ -9,7 +9,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -308,20 +307,3 @@ def test_a_failing_step_leaves_the_network_exactly_as_before(tmp_path, monkeypat
     assert [i for i, _ in after.params] == [i for i, _ in before.params]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after.params, before.params))
 
-
-# ---- YAML -------------------------------------------------------------------------------------------------
-
-def test_pruning_recipe_runs_from_yaml_with_a_smoke_override(tmp_path, capsys):
-    from lightning_segcompress.cli import main
-
-    recipe = REPO / "recipes" / "structured_pruning.yaml"
-    config = yaml.safe_load(recipe.read_text())
-    (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("StructuredPruning")]
-    assert set(callback["init_args"]) >= {"amount", "target", "importance", "schedule", "ignored_layers"}
-    main(["fit", "--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
-          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
-          "--data.init_args.image_size=[64,64]", "--data.init_args.num_train=8", "--data.init_args.num_val=4",
-          "--data.init_args.batch_size=4"])
-    out = capsys.readouterr().out + capsys.readouterr().err
-    assert "segcompress fit finished" in out
-    assert (tmp_path / "pruning" / "pruning_steps.json").exists()

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_segcompress.compression_state import restore_from_checkpoint
 from lightning_segcompress.models.segmentation_module import split_batch
-from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits
+from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
 from lightning_segcompress.utils.metrics import miou_evaluator
 
 
@@ -118,13 +118,18 @@ def validation_miou(trainer: pl.Trainer, network: torch.nn.Module, count: int | 
                     ignore_index: int = 255) -> tuple[Callable[[torch.nn.Module], float] | None, int]:
     """A function scoring a network's mIoU on up to ``count`` labelled batches of the fit's validation data (the
     same batches at every call), and how many batches it uses; ``(None, 0)`` without labelled batches."""
-    batches = [split_batch(b) for b in validation_batches(trainer, count)]
-    batches = [(images, masks) for images, masks in batches if masks is not None]
+    batches = labelled_validation_batches(trainer, count)
     if not batches:
         return None, 0
     with evaluation_mode(network):
-        classes = extract_logits(network(batches[0][0][:1])).shape[1]
+        classes = extract_logits(network(batches[0][0][:1].to(module_device(network)))).shape[1]
     return miou_evaluator(batches, classes, ignore_index), len(batches)
+
+
+def labelled_validation_batches(trainer: pl.Trainer, count: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, masks)`` of up to ``count`` validation batches that have labels."""
+    batches = [split_batch(b) for b in validation_batches(trainer, count)]
+    return [(images, masks) for images, masks in batches if masks is not None]
 
 
 def rewrap_ddp(trainer: pl.Trainer) -> None:

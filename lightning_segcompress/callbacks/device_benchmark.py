@@ -28,18 +28,13 @@ from lightning_segcompress.benchmark.compression_report import (
     write_compression_report,
 )
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
-from lightning_segcompress.callbacks._plumbing import run_dir, validation_batches
+from lightning_segcompress.callbacks._plumbing import labelled_validation_batches, run_dir, validation_miou
 from lightning_segcompress.compression_state import get_stages
-from lightning_segcompress.models.segmentation_module import split_batch
 from lightning_segcompress.utils.inspection import (
     copy_without_hooks,
-    evaluation_mode,
-    extract_logits,
     find_network,
     has_int8_modules,
-    module_device,
 )
-from lightning_segcompress.utils.metrics import miou_evaluator
 
 
 class DeviceBenchmark(Callback):
@@ -247,15 +242,8 @@ class DeviceBenchmark(Callback):
         """Validation mIoU of ``network`` on the first ``eval_batches`` batches (None without labelled data)."""
         if self.eval_batches == 0:
             return None
-        batches = self._labelled_batches(trainer, self.eval_batches)
-        if not batches:
-            return None
-        classes = extract_logits(_forward(network, batches[0][0][:1])).shape[1]
-        return miou_evaluator(batches, classes, self.ignore_index)(network)
-
-    def _labelled_batches(self, trainer: pl.Trainer, count: int | None) -> list:
-        batches = [split_batch(b) for b in validation_batches(trainer, count)]
-        return [(images, masks) for images, masks in batches if masks is not None]
+        evaluate, _ = validation_miou(trainer, network, self.eval_batches, self.ignore_index)
+        return None if evaluate is None else evaluate(network)
 
     def write_compression_report_files(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Write the compression report and its figures to ``output_dir`` (and TensorBoard); returns the paths."""
@@ -279,24 +267,21 @@ class DeviceBenchmark(Callback):
         return paths
 
     def _samples_figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        images, masks = [], []
-        for batch_images, batch_masks in self._labelled_batches(trainer, None):
-            images.append(batch_images)
-            masks.append(batch_masks)
-            if sum(len(i) for i in images) >= self.samples:
-                break
-        if not images:
+        batches = labelled_validation_batches(trainer, self.samples)  # every batch holds at least one image
+        if not batches:
             return None
-        images, masks = torch.cat(images)[:self.samples], torch.cat(masks)[:self.samples]
-        student = find_network(pl_module, self.network_attribute)
+        images = torch.cat([b[0] for b in batches])[:self.samples]
+        masks = torch.cat([b[1] for b in batches])[:self.samples]
         teacher = next((c.distiller.teacher for c in trainer.callbacks
                         if getattr(c, "active", False) and getattr(c, "distiller", None) is not None), None)
         predictions = {}
         if teacher is not None or self._reference is not None:
             label = "teacher" if teacher is not None else "before compression"
             predictions[label] = predicted_classes(teacher if teacher is not None else self._reference, images)
-        predictions["student"] = predicted_classes(student, images)
-        classes = extract_logits(_forward(student, images[:1])).shape[1]
+        predictions["student"] = predicted_classes(find_network(pl_module, self.network_attribute), images)
+        labels = masks[masks != self.ignore_index]
+        highest = [int(p.max()) for p in predictions.values()] + ([int(labels.max())] if labels.numel() else [])
+        classes = 1 + max(highest)
         return samples_figure(images, masks, predictions, classes, self.ignore_index)
 
     def state_dict(self) -> dict[str, Any]:
@@ -305,11 +290,6 @@ class DeviceBenchmark(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stages = dict(state_dict.get("stages", {}))
         self.technique = state_dict.get("technique")
-
-
-def _forward(network: torch.nn.Module, images: torch.Tensor):
-    with evaluation_mode(network):
-        return network(images.to(module_device(network)))
 
 
 def _close(figure) -> None:
