@@ -21,7 +21,6 @@ from lightning_segcompress.benchmark.executorch_runtime import (
 from lightning_segcompress.benchmark.timing import measure_latency, num_threads
 from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
 from lightning_segcompress.memory import TiledInference, memory_report
-from lightning_segcompress.quantization import quantization_stage
 from lightning_segcompress.utils.inspection import (
     count_macs,
     count_params,
@@ -152,13 +151,9 @@ def _memory(model: nn.Module, x: torch.Tensor) -> dict:
 
 
 def is_int8(model: nn.Module) -> bool:
-    """Whether ``model`` (or the network a :class:`LogitsOnly` wraps) is an int8 conversion (FX or PT2E)."""
-    network = model.network if isinstance(model, LogitsOnly) else model
-    stage = quantization_stage(network)
-    if has_int8_modules(model) or (stage and stage.get("converted")):
-        return True
-    # a PT2E conversion is a graph of quantize/dequantize ops (a deep copy may not carry the stage record)
-    return any(node.op == "call_function" and "quantize_per_" in str(node.target)
+    """Whether ``model`` is an int8 conversion: FX int8 modules, or a PT2E graph of quantize/dequantize ops (read
+    from the model itself: a deep copy does not carry the compression-stage record)."""
+    return has_int8_modules(model) or any(node.op == "call_function" and "quantize_per_" in str(node.target)
                for module in model.modules() if isinstance(module, torch.fx.GraphModule)
                for node in module.graph.nodes)
 
