@@ -22,6 +22,9 @@ from lightning_segcompress.pruning import (
     pruning_history,
     replay_history,
 )
+from lightning_segcompress.pruning.floors import floor_width, layer_floors, protect_floors
+from lightning_segcompress.pruning.graph import build_graph
+from lightning_segcompress.pruning.importance import compute_group_scores
 from lightning_segcompress.utils.inspection import example_input, find_classifier_layers, output_tensors
 
 
@@ -119,6 +122,100 @@ def test_bn_scale_prunes_the_smallest_gammas():
     prune_with_history(net, plan.history, x)
     assert conv.out_channels == 32 - 8
     assert torch.all(bn.weight == 1.0)  # exactly the dead channels went
+
+
+def _net_with_a_dead_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),  # "3": 28 gammas ~0
+                        nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 4, 1)).eval()
+    with torch.no_grad():
+        net[4].weight.fill_(1e-4)
+        net[4].weight[:4] = 1.0
+    return net, torch.randn(1, 3, 16, 16)
+
+
+def test_a_global_step_never_cuts_a_layer_below_its_floor_of_the_reference_width():
+    net, x = _net_with_a_dead_layer()
+    reference, original = measure(net, x)["channels"], layer_widths(net)
+    config = PruningConfig(ignored_layers=["9"], round_to=None, max_layer_fraction=0.75, tolerance=0.05,
+                           reference_widths=original)
+    # the global threshold would take 28 channels of the dead layer; a quarter of its 32 must stay
+    plan = plan_step(net, x, build_importance("bn_scale"), "channels", 0.45, reference, config)
+    prune_with_history(net, plan.history, x)
+    assert net[3].out_channels == 8
+    assert plan.within_tolerance
+    # the floor is a quarter of the *reference* width: a second step cannot compound it to a quarter of 8
+    plan = plan_step(net, x, build_importance("bn_scale"), "channels", 0.5, reference, config)
+    prune_with_history(net, plan.history, x)
+    assert net[3].out_channels == 8
+    assert min(layer_widths(net)[n] / original[n] for n in ("0", "3", "6")) >= 0.25
+    # without reference widths the floor is relative to the network the step is given: the 4 dead ones left go
+    relative = PruningConfig(ignored_layers=["9"], round_to=None, max_layer_fraction=0.75, tolerance=0.05)
+    plan = plan_step(net, x, build_importance("bn_scale"), "channels", 0.6, reference, relative)
+    prune_with_history(net, plan.history, x)
+    assert net[3].out_channels == 4
+
+
+def test_floor_is_rounded_up_to_round_to():
+    net, x = _net_with_a_dead_layer()
+    config = PruningConfig(ignored_layers=["9"], round_to=8, max_layer_fraction=0.9, tolerance=0.9)
+    plan = plan_step(net, x, build_importance("bn_scale"), "channels", 0.5, measure(net, x)["channels"], config)
+    prune_with_history(net, plan.history, x)
+    assert net[3].out_channels == 8  # 10 % of 32 is 4 channels, kept as one multiple of 8
+
+
+class _Concat(nn.Module):
+    """Two branches joined by torch.cat and a depthwise convolution (as in DeepLabV3+'s decoder): the channels
+    of both branches form one group, rooted at the depthwise convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.narrow = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.BatchNorm2d(48), nn.ReLU(),
+                                  nn.Conv2d(48, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.wide(x), self.narrow(x)], dim=1))
+
+
+def test_the_floor_holds_for_each_layer_joined_by_a_concatenation():
+    torch.manual_seed(0)
+    net, x = _Concat().eval(), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        net.wide[1].weight.fill_(1e-4)  # the whole wide branch looks dead: global ranking takes it first
+    reference, original = measure(net, x)["channels"], layer_widths(net)
+    config = PruningConfig(ignored_layers=["fuse.6"], round_to=None, max_layer_fraction=0.75, tolerance=0.05,
+                           reference_widths=original)
+    for fraction in (0.5, 0.65):  # two steps: the second must not cut the wide branch below a quarter of 32
+        plan = plan_step(net, x, build_importance("bn_scale"), "channels", fraction, reference, config)
+        prune_with_history(net, plan.history, x)
+        assert net.wide[0].out_channels == 8  # its floor, although the group's root (the depthwise conv) has more
+    assert min(layer_widths(net)[n] / original[n] for n in original) >= 0.25
+
+
+def test_floors_follow_each_branch_of_a_concatenation_into_the_group():
+    net, x = _Concat().eval(), torch.randn(1, 3, 16, 16)
+    graph = build_graph(net, x)
+    scores = compute_group_scores(graph, build_importance("l2"), [net.fuse[6]], set())
+    floors = layer_floors(graph, scores, [net.fuse[6]], max_layer_fraction=0.75, round_to=None)
+    assert floors["wide.0"] == (8, ("fuse.0:out", list(range(32))))
+    assert floors["narrow.0"] == (4, ("fuse.0:out", list(range(32, 48))))
+    assert floors["fuse.0"] == (12, ("fuse.0:out", list(range(48))))
+    assert floor_width(26, 0.9, 8) == 8 and floor_width(256, 0.9, 8) == 32 and floor_width(5, 0.9, None) == 1
+
+
+def test_protected_channels_per_group_are_a_multiple_of_round_to():
+    """torch-pruning rounds what a group keeps down to round_to: 5 + 3 protected channels of a concatenation
+    group would lose one to rounding, so the group's next best channel is protected too."""
+    scores = {"g:out": [float(v) for v in range(12)], "h:out": [0.5, 0.25]}
+    floors = {"a": (5, ("g:out", list(range(8)))), "b": (2, ("g:out", [8, 9, 10, 11])), "c": (1, ("h:out", [0, 1]))}
+    protected = protect_floors(scores, floors, round_to=8)
+    lifted = [p for p, (before, after) in enumerate(zip(scores["g:out"], protected["g:out"])) if after > before]
+    assert lifted == [3, 4, 5, 6, 7, 9, 10, 11]  # best 5 of a, best 2 of b, then the best channel left (9)
+    assert protected["h:out"][0] > max(scores["g:out"]) and protected["h:out"][1] > max(scores["g:out"])  # all of h
 
 
 def test_unknown_importance_names_the_choices():

@@ -90,6 +90,8 @@ def test_fit_resumes_mid_schedule_with_the_checkpointed_architecture(agp_run, tm
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4, callbacks=[pruning, probe]))
     trainer.fit(SegmentationModule(SMP_DEEPLAB, num_classes=4), _data(), ckpt_path=agp_run["ckpt"][1])
     assert probe.widths == after_step_1
+    # the per-layer floor still counts from the unpruned widths, which came back with the callback state
+    assert pruning.reference_widths == layer_widths(SegmentationModule(SMP_DEEPLAB, num_classes=4).net)
     assert [(r["step"], r["epoch"]) for r in pruning.records] == [(1, 1), (2, 2), (3, 3)]  # step 1 from the ckpt
     assert pruning.records[-1]["achieved_fraction"] == pytest.approx(0.5, rel=0.03)
 

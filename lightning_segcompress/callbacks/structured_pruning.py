@@ -70,7 +70,8 @@ class StructuredPruning(Callback):
         global_pruning: rank channels across all layers (True) or prune each layer by the same ratio (False).
         round_to: keep every pruned layer's channel count a multiple of this (8 suits vectorised kernels).
         ignored_layers: module names or regexes (full match) whose output channels are never pruned.
-        max_layer_fraction: never remove more than this fraction of any one layer.
+        max_layer_fraction: never remove more than this fraction of any one layer's channels, counted from its
+            width before the first step (so a multi-step schedule cannot compound it).
         tolerance: accepted relative error of the final step's achieved fraction (0.03 = 3%).
         taylor_batches: training batches whose gradients feed ``taylor`` importance.
         input_size: ``[H, W]`` of the example input used to trace the network and count MACs; default: the
@@ -152,6 +153,7 @@ class StructuredPruning(Callback):
         # progress, saved in checkpoints
         self.steps_done = 0
         self.reference: dict[str, int] | None = None
+        self.reference_widths: dict[str, int] | None = None
         self.records: list[dict] = []
         # per-fit working state
         self._ignored: list[str] = []
@@ -210,12 +212,13 @@ class StructuredPruning(Callback):
         write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "reference": self.reference, "records": self.records,
-                "input_size": self.input_size}
+        return {"steps_done": self.steps_done, "reference": self.reference, "reference_widths": self.reference_widths,
+                "records": self.records, "input_size": self.input_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps_done = int(state_dict.get("steps_done", 0))
         self.reference = state_dict.get("reference")
+        self.reference_widths = state_dict.get("reference_widths")
         self.records = list(state_dict.get("records", []))
         self.input_size = state_dict.get("input_size") or self.input_size
 
@@ -231,6 +234,7 @@ class StructuredPruning(Callback):
         example = self._example(network, batch)
         if self.reference is None:
             self.reference = measure(network, example)
+            self.reference_widths = layer_widths(network)
         fraction = self.schedule.fraction_after(step)
         payload = self._decide(trainer, network, example, step, fraction) if trainer.is_global_zero else None
         payload = trainer.strategy.broadcast(payload, src=0)  # every rank applies rank 0's decision
@@ -267,7 +271,8 @@ class StructuredPruning(Callback):
             config = PruningConfig(
                 ignored_layers=sorted(set(self._ignored) | set(find_classifier_layers(network, example))),
                 round_to=self.round_to, global_pruning=self.global_pruning,
-                max_layer_fraction=self.max_layer_fraction, tolerance=self.tolerance,
+                max_layer_fraction=self.max_layer_fraction, reference_widths=self.reference_widths,
+                tolerance=self.tolerance,
             )
             with self._taylor_gradients(network), _seeded(self.seed + step):
                 plan = plan_step(network, example, build_importance(self.importance, **self.importance_args),

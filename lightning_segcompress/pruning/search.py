@@ -16,11 +16,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_segcompress.pruning.floors import layer_floors, protect_floors
 from lightning_segcompress.pruning.graph import (
     METRICS,
     History,
     PruningError,
     build_graph,
+    layer_widths,
     measure,
     normalise_history,
     unsupported_layers,
@@ -37,7 +39,8 @@ class PruningConfig:
     protected_layers: Sequence[str] = ()  # module names whose channels are never touched at all
     round_to: int | None = 8
     global_pruning: bool = True
-    max_layer_fraction: float = 0.9
+    max_layer_fraction: float = 0.9  # of a layer's reference width: a step never cuts a layer below the rest
+    reference_widths: dict[str, int] | None = None  # output channels per layer before the first step (else now)
     tolerance: float = 0.03  # relative to the requested fraction
     max_trials: int = 14
 
@@ -102,12 +105,16 @@ def plan_step(
     scores = compute_group_scores(graph, importance, ignored, set(config.protected_layers), group_weights)
     if not scores:
         raise PruningError("no prunable channel group is left: every layer is ignored, protected or too narrow.")
+    floors = layer_floors(graph, scores, ignored, config.max_layer_fraction, config.round_to,
+                          config.reference_widths)
+    scores = protect_floors(scores, floors, config.round_to)
+    floors_by_layer = {name: kept for name, (kept, _) in floors.items()}
     current = measure(network, example, [metric])[metric]
     goal = (1.0 - target_fraction) * reference
     if current <= goal:  # already there (e.g. a resumed schedule); nothing to remove in this step
         return _plan([], 0.0, metric, target_fraction, reference, current, config)
 
-    def trial(ratio: float) -> tuple[History, int]:
+    def trial(ratio: float) -> tuple[History, int, list[str]]:
         candidate = copy.deepcopy(network)
         for p in candidate.parameters():  # see build_graph: frozen layers must be in the traced graph
             p.requires_grad_(True)
@@ -120,13 +127,19 @@ def plan_step(
             root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
         )
         pruner.step()
-        return normalise_history(pruner.pruning_history()), measure(candidate, example, [metric])[metric]
+        widths = layer_widths(candidate)
+        broken = [f"{name} ({widths[name]} < {kept})" for name, kept in floors_by_layer.items()
+                  if widths.get(name, kept) < kept]
+        return normalise_history(pruner.pruning_history()), measure(candidate, example, [metric])[metric], broken
 
     best: tuple[float, float, History, int] | None = None  # (error, ratio, history, value)
     lo, hi = 0.0, config.max_layer_fraction
     for _ in range(config.max_trials):
         ratio = (lo + hi) / 2
-        history, value = trial(ratio)
+        history, value, broken = trial(ratio)
+        if broken:  # so many channels that torch-pruning's threshold reached a layer's floor
+            hi = ratio
+            continue
         achieved = 1.0 - value / reference
         error = abs(achieved - target_fraction) / target_fraction
         if best is None or error < best[0]:
@@ -137,7 +150,9 @@ def plan_step(
             lo = ratio
         else:
             hi = ratio
-    assert best is not None
+    if best is None:
+        raise PruningError(f"every trial cut a layer below {1 - config.max_layer_fraction:.0%} of its reference "
+                           f"width (last: {', '.join(broken[:4])}); raise max_layer_fraction or lower round_to.")
     return _plan(best[2], best[1], metric, target_fraction, reference, best[3], config)
 
 
