@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=""
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (pytest-xdist), one core each: CI's two cores spend less time idle in Python and subprocesses.
+exec .venv/bin/python -m pytest -q -n "${SEGCOMPRESS_TEST_WORKERS:-2}" "$@"

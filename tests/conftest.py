@@ -6,7 +6,13 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist every worker gets one core; otherwise the two cores of CI. Processes a test starts inherit
+# the worker's thread count, so tests comparing their outputs bit for bit see the same float reductions.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SMP_DEEPLAB = {
     "class_path": "segmentation_models_pytorch.DeepLabV3Plus",
