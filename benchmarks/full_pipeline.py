@@ -44,6 +44,8 @@ def parse_args():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--amount", type=float, default=None, help="pruning amount (default: the recipe's)")
     parser.add_argument("--target", default=None, help="pruning target: macs | params (default: the recipe's)")
+    parser.add_argument("--max_layer_fraction", type=float, default=None,
+                        help="most of one layer's channels pruning may remove (default: the recipe's)")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--no_pt2e", action="store_true", help="skip the pt2e run (needs torchao and executorch)")
     parser.add_argument("--threads", type=int, default=2)
@@ -75,6 +77,8 @@ def recipe_config(args, root: Path, backend: str | None) -> dict:
                 init["amount"] = args.amount
             if args.target is not None:
                 init["target"] = args.target
+            if args.max_layer_fraction is not None:
+                init["max_layer_fraction"] = args.max_layer_fraction
         elif name == "QuantizationAwareTraining":
             init.update(backend=backend, start_epoch=args.qat_start,
                         freeze_bn_epoch=min(args.qat_start + 2, args.epochs - 1),
