@@ -1,8 +1,7 @@
 """Per-layer floors: the most of one layer's channels pruning may remove, counted from its reference width.
 
 torch-pruning's own ``max_pruning_ratio`` is relative to the network a pruner is given (the one before this
-step, so an AGP schedule compounds it); in global pruning it only skips layers that are already below it, and
-it looks at a group's root layer alone. A group can couple several layers (a ``torch.cat`` joins the channels of
+step), so an AGP schedule compounds it. A group can couple several layers (a ``torch.cat`` joins the channels of
 DeepLabV3+'s ASPP output and its high-resolution branch into one group rooted at the next convolution), so the
 floor is kept for every layer whose output channels the group cuts.
 """
@@ -17,9 +16,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_segcompress.pruning.graph import layer_widths
-from lightning_segcompress.pruning.importance import group_key, owner_names
-
-ROOT_TYPES = [nn.modules.conv._ConvNd, nn.Linear]
+from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key, owner_names
 
 
 def floor_width(reference_width: int, max_layer_fraction: float, round_to: int | None) -> int:

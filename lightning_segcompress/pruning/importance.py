@@ -69,6 +69,9 @@ def resolve_importance_class(name: str) -> type:
     return cls
 
 
+ROOT_TYPES = [nn.modules.conv._ConvNd, nn.Linear]  # the layers a channel group starts from
+
+
 def group_key(group, module_names: dict[nn.Module, str]) -> str:
     """A name for a pruning group that is the same in every copy of the network: root layer and direction."""
     dep = group[0].dep
@@ -107,7 +110,7 @@ def compute_group_scores(
     names = owner_names(graph.model)
     scores = {}
     for group in graph.get_all_groups(ignored_layers=list(ignored_modules),
-                                      root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+                                      root_module_types=ROOT_TYPES):
         if group_layers(group, names) & protected_layers:
             continue
         imp = importance(group)

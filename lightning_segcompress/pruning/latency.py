@@ -39,9 +39,7 @@ from torch import nn
 
 from lightning_segcompress.benchmark.timing import num_threads
 from lightning_segcompress.pruning.graph import build_graph
-from lightning_segcompress.pruning.importance import group_key
-
-_ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key
 
 
 @dataclass(frozen=True)
@@ -159,7 +157,7 @@ def group_costs(
             elem_ms = _elementwise_ms_per_value(network, shapes, module_ms)
             costs = {}
             for group in graph.get_all_groups(ignored_layers=[modules[n] for n in ignored_layers],
-                                              root_module_types=list(_ROOT_TYPES)):
+                                              root_module_types=ROOT_TYPES):
                 cost = _group_cost(group, names, shapes, module_ms, elem_ms, timer, _removal(fraction, round_to))
                 if cost is not None:
                     costs[group_key(group, names)] = cost

@@ -27,7 +27,7 @@ from lightning_segcompress.pruning.graph import (
     normalise_history,
     unsupported_layers,
 )
-from lightning_segcompress.pruning.importance import CachedImportance, compute_group_scores
+from lightning_segcompress.pruning.importance import ROOT_TYPES, CachedImportance, compute_group_scores
 from lightning_segcompress.utils.inspection import output_tensors
 
 
@@ -39,7 +39,7 @@ class PruningConfig:
     protected_layers: Sequence[str] = ()  # module names whose channels are never touched at all
     round_to: int | None = 8
     global_pruning: bool = True
-    max_layer_fraction: float = 0.9  # of a layer's reference width: a step never cuts a layer below the rest
+    max_layer_fraction: float = 0.9  # most of a layer's reference width that pruning may remove
     reference_widths: dict[str, int] | None = None  # output channels per layer before the first step (else now)
     tolerance: float = 0.03  # relative to the requested fraction
     max_trials: int = 14
@@ -124,7 +124,7 @@ def plan_step(
             global_pruning=config.global_pruning, pruning_ratio=ratio,
             max_pruning_ratio=config.max_layer_fraction, ignored_layers=[names[n] for n in config.ignored_layers],
             round_to=config.round_to, output_transform=output_tensors,
-            root_module_types=[nn.modules.conv._ConvNd, nn.Linear],
+            root_module_types=ROOT_TYPES,
         )
         pruner.step()
         widths = layer_widths(candidate)
