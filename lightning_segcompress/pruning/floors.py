@@ -16,17 +16,13 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_segcompress.pruning.graph import layer_widths
-from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key, owner_names
+from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key, is_out_pruning, owner_names
 
 
 def floor_width(reference_width: int, max_layer_fraction: float, round_to: int | None) -> int:
     """Channels a layer keeps at least: ``1 - max_layer_fraction`` of its reference width, >= 1, rounded up."""
     floor = max(1, math.ceil((1.0 - max_layer_fraction) * reference_width - 1e-9))
     return math.ceil(floor / round_to) * round_to if round_to else floor
-
-
-def _is_out_pruning(dep) -> bool:
-    return dep.handler.__name__.startswith("prune_out")
 
 
 def member_positions(graph: tp.DependencyGraph, group, names: dict, layers: Iterable[str]) -> dict[str, list[int]]:
@@ -36,7 +32,7 @@ def member_positions(graph: tp.DependencyGraph, group, names: dict, layers: Iter
     concatenation), each root channel is followed through the graph on its own to see which member it cuts."""
     layers = set(layers)
     members = [(names.get(dep.target.module), len(idxs)) for dep, idxs in group
-               if _is_out_pruning(dep) and names.get(dep.target.module) in layers]
+               if is_out_pruning(dep) and names.get(dep.target.module) in layers]
     size = len(group[0].idxs)
     if all(length == size for _, length in members):
         return {name: list(range(size)) for name, _ in members}
@@ -45,7 +41,7 @@ def member_positions(graph: tp.DependencyGraph, group, names: dict, layers: Iter
     for position, index in enumerate(group[0].idxs):
         for dep, idxs in graph.get_pruning_group(root.target.module, root.handler, idxs=[int(index)]):
             name = names.get(dep.target.module)
-            if idxs and _is_out_pruning(dep) and name in layers:
+            if idxs and is_out_pruning(dep) and name in layers:
                 positions[name].add(position)
     return {name: sorted(p) for name, p in positions.items()}
 

@@ -72,10 +72,15 @@ def resolve_importance_class(name: str) -> type:
 ROOT_TYPES = [nn.modules.conv._ConvNd, nn.Linear]  # the layers a channel group starts from
 
 
+def is_out_pruning(dep) -> bool:
+    """Whether a dependency cuts its layer's output channels (else its input channels)."""
+    return dep.handler.__name__.startswith("prune_out")
+
+
 def group_key(group, module_names: dict[nn.Module, str]) -> str:
     """A name for a pruning group that is the same in every copy of the network: root layer and direction."""
     dep = group[0].dep
-    direction = "out" if dep.handler.__name__.startswith("prune_out") else "in"
+    direction = "out" if is_out_pruning(dep) else "in"
     return f"{module_names[dep.target.module]}:{direction}"
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from lightning_segcompress.benchmark.timing import num_threads
 from lightning_segcompress.pruning.graph import build_graph
-from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key
+from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key, is_out_pruning
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def _group_cost(group, names: dict, shapes: dict[str, _IO], module_ms: dict[str,
         module = dep.target.module
         name = names.get(module)
         n = max(1, round(removed * len(idxs) / channels))  # channels this layer loses
-        is_out = dep.handler.__name__.startswith("prune_out")
+        is_out = is_out_pruning(dep)
         if name is None:  # an op outside modules (activation, add, upsample, concat): priced per value moved
             if root_io is not None:
                 saved_ms += elem_ms * n * _numel(root_io.output[2:])
