@@ -72,7 +72,7 @@ def recipe_config(args, root: Path, backend: str | None) -> dict:
         elif backend is None:
             continue
         elif name == "StructuredPruning":
-            init.update(start_epoch=args.prune_epochs[0], end_epoch=args.prune_epochs[1])
+            init.update(start_epoch=args.prune_epochs[0], end_epoch=args.prune_epochs[1] + 1)
             if args.amount is not None:
                 init["amount"] = args.amount
             if args.target is not None:

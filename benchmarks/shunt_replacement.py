@@ -5,12 +5,13 @@
 For each model (smp DeepLabV3Plus on tu-mobilenetv3_large_100, torchvision lraspp_mobilenet_v3_large): train
 the original on SyntheticScenes, then, from its weights and per seed, fit with ShuntReplacement (blocks: auto,
 the lowest-KQ range that removes --target of the parameters; stage A --stage_a_epochs, stage B --stage_b_epochs
-with ACE distillation from the original). Reported per model: the original's val mIoU, the same original
-fine-tuned for the same extra epochs without a shunt (control), the shunted model right after stage A (the
-trained shunt spliced in, before any end-to-end fine-tuning) and after stage B; the range chosen per seed;
-params, MACs (at --bench_size) and TorchScript-lite / ExecuTorch latency of original vs shunted, measured in the
-same run. Every BatchNorm uses momentum 0.1 (torchvision's MobileNetV3 defaults to 0.01, too slow for training
-runs this short). The seed publication reports 28 % compression for -3.52 mIoU (DeepLabV3 + MobileNetV3 on Cityscapes).
+with ACE distillation from the original, taken by KnowledgeDistillation right before the splice). Reported per
+model: the original's val mIoU, the same original fine-tuned for the same extra epochs without a shunt (control),
+the shunted model right after stage A (the trained shunt spliced in, before any end-to-end fine-tuning) and after
+stage B; the range chosen per seed; params, MACs (at --bench_size) and TorchScript-lite / ExecuTorch latency of
+original vs shunted, measured in the same run. Every BatchNorm uses momentum 0.1 (torchvision's MobileNetV3
+defaults to 0.01, too slow for training runs this short). The seed publication reports 28 % compression for
+-3.52 mIoU (DeepLabV3 + MobileNetV3 on Cityscapes).
 Prints a Markdown table and writes benchmarks/results/<--name>.{md,json}.
 """
 
@@ -31,7 +32,7 @@ from _results import write_results  # noqa: E402
 from _training import fit  # noqa: E402
 
 from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network  # noqa: E402
-from lightning_segcompress.callbacks import ShuntReplacement  # noqa: E402
+from lightning_segcompress.callbacks import KnowledgeDistillation, ShuntReplacement  # noqa: E402
 
 # torchvision's MobileNetV3 uses BN momentum 0.01: after a few hundred steps its running statistics still lag so far
 # behind that eval-mode mIoU stays at chance (0.09 vs 0.48 in train mode after 3 epochs)
@@ -98,9 +99,11 @@ def main() -> None:
             runs = []
             for seed in args.seeds:
                 cb = ShuntReplacement(blocks="auto", target={"params": args.target}, stage_a_epochs=args.stage_a_epochs,
-                                      kq_batches=args.num_val // args.batch_size, input_size=[args.size, args.size])
-                miou, shunted = fit(args, spec, extra, seed, args.finetune_lr, root / f"shunt-{seed}", [cb], weights,
-                                    BN_MOMENTUM)
+                                      eval_batches=args.num_val // args.batch_size, input_size=[args.size, args.size])
+                kd = KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression",
+                                           losses={"ace": {"kappa": 0.3}}, input_size=[args.size, args.size])
+                miou, shunted = fit(args, spec, extra, seed, args.finetune_lr, root / f"shunt-{seed}", [cb, kd],
+                                    weights, BN_MOMENTUM)
                 runs.append({"seed": seed, "range": cb.plan.describe(), "stage_a_miou": cb.scores["stage_a_miou"],
                              "original_on_kq_batches": cb.scores["original_miou"], "stage_b_miou": miou,
                              "quotients": cb.quotients, "net": shunted.net})

@@ -12,6 +12,7 @@ from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network
 from lightning_segcompress.benchmark.report import add_stage
 from lightning_segcompress.models.factory import build_network, resolve_class_path
 from lightning_segcompress.utils.inspection import find_network
+from lightning_segcompress.utils.shapes import input_shape
 
 
 def load_network(
@@ -52,12 +53,13 @@ def benchmark(
     model_class: str = "lightning_segcompress.SegmentationModule",
     network_attribute: str | None = None,
     num_classes: int | None = 19,
-    input_size: list[int] = (1, 3, 512, 512),
+    input_size: list[int] = (512, 512),
+    batch_size: int = 1,
     runtimes: list[str] = ("eager", "torchscript_lite", "executorch"),
     threads: int | None = None,
     warmup: int = 3,
     runs: int = 10,
-    tolerance: float = 1e-3,
+    atol: float = 1e-3,
     output_dir: str = "runs/benchmark",
 ) -> dict:
     """Benchmark a model from a checkpoint or a network spec; optionally compare it with a baseline.
@@ -70,16 +72,17 @@ def benchmark(
         model_class: LightningModule class of the checkpoints.
         network_attribute: attribute path of the network in that module (default: found automatically).
         num_classes: classes for network specs that take ``classes``/``num_classes``.
-        input_size: ``[N, C, H, W]`` of the benchmark input.
+        input_size: ``[H, W]`` of the benchmark input (``[N, C, H, W]`` is deprecated).
+        batch_size: batch size of the benchmark input.
         runtimes: any of ``eager``, ``torchscript_lite``, ``executorch``.
         threads: CPU threads for timing (default: torch's).
         warmup: untimed calls before timing.
         runs: timed calls.
-        tolerance: largest accepted absolute output difference to eager.
+        atol: largest accepted absolute output difference to eager.
         output_dir: where the exported models, benchmark.json and benchmark.md go.
     """
-    settings = BenchmarkSettings(input_shape=tuple(input_size), runtimes=tuple(runtimes), threads=threads,
-                                 warmup=warmup, runs=runs, tolerance=tolerance)
+    settings = BenchmarkSettings(input_shape=input_shape(input_size, batch_size, owner="segcompress-benchmark"),
+                                 runtimes=tuple(runtimes), threads=threads, warmup=warmup, runs=runs, tolerance=atol)
     out = Path(output_dir)
     stages: dict[str, dict] = {}
     if baseline_checkpoint is not None or baseline_network is not None:

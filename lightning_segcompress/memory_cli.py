@@ -13,6 +13,8 @@ from jsonargparse import CLI
 from lightning_segcompress.benchmark.runner import LogitsOnly
 from lightning_segcompress.benchmark_cli import load_network
 from lightning_segcompress.memory import TiledInference, format_memory_report, memory_report, write_tensor_table
+from lightning_segcompress.utils.inspection import input_channels
+from lightning_segcompress.utils.shapes import input_shape
 
 
 def memory(
@@ -22,7 +24,8 @@ def memory(
     model_class: str = "lightning_segcompress.SegmentationModule",
     network_attribute: str | None = None,
     num_classes: int | None = 19,
-    input_size: list[int] = (1, 3, 512, 512),
+    input_size: list[int] = (512, 512),
+    batch_size: int = 1,
     grids: list[list[int]] = (),
     split_after: str | None = None,
     tail: bool = True,
@@ -41,7 +44,8 @@ def memory(
         model_class: LightningModule class of the checkpoint.
         network_attribute: attribute path of the network in that module (default: found automatically).
         num_classes: classes for network specs that take ``classes``/``num_classes``.
-        input_size: ``[N, C, H, W]`` of the input.
+        input_size: ``[H, W]`` of the input (``[N, C, H, W]`` is deprecated).
+        batch_size: batch size of the input.
         grids: also report tiled inference for these ``[rows, columns]`` grids, e.g. ``[[2, 2], [4, 4]]``; each is
             checked against untiled inference.
         split_after: end the tiled prefix after this module (default: before the first non-local op).
@@ -54,7 +58,8 @@ def memory(
             first and last step, planned offset) to this CSV file.
     """
     net = LogitsOnly(load_network(checkpoint, network, model_class, num_classes, network_attribute, recipe)).eval()
-    x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0))
+    shape = input_shape(input_size, batch_size, input_channels(net), owner="segcompress-memory")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     untiled = memory_report(net, x, top=top, measure=measure)
     sections = [format_memory_report(untiled, "Activation memory, untiled")]
     if tensors_csv:
@@ -63,7 +68,7 @@ def memory(
         with torch.no_grad():
             reference = net(x)
     for grid in grids:
-        tiled = TiledInference(net, list(input_size), grid, split_after, tail, max_stride)
+        tiled = TiledInference(net, list(shape), grid, split_after, tail, max_stride)
         with torch.no_grad():
             diff = float((tiled(x) - reference).abs().max())
         title = f"Activation memory, tiled {grid[0]}x{grid[1]}"

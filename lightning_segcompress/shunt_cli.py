@@ -13,8 +13,8 @@ from jsonargparse import CLI
 
 from lightning_segcompress.benchmark_cli import load_network
 from lightning_segcompress.models.factory import resolve_class_path
-from lightning_segcompress.models.segmentation_module import split_batch
 from lightning_segcompress.shunt import block_map, format_block_map, knowledge_quotients, miou_evaluator, select_range
+from lightning_segcompress.utils.batch import split_batch
 from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
 
 SYNTHETIC = "lightning_segcompress.SyntheticScenesDataModule"

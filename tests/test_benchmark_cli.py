@@ -19,7 +19,7 @@ def test_benchmark_checkpoint_against_a_baseline_network(tmp_path, capsys):
     trainer.save_checkpoint(ckpt)
 
     main([f"--checkpoint={ckpt}", f"--baseline_network={json.dumps(SMP_UNET)}", "--num_classes=3",
-          "--input_size=[1,3,64,64]", "--runtimes=[eager,torchscript_lite]", "--warmup=0", "--runs=2",
+          "--input_size=[64,64]", "--runtimes=[eager,torchscript_lite]", "--warmup=0", "--runs=2",
           f"--output_dir={tmp_path / 'bench'}"])
     out = capsys.readouterr().out
     assert "| baseline | torchscript_lite | ok |" in out and "| model | eager | ok |" in out

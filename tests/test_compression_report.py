@@ -13,10 +13,10 @@ from lightning_segcompress.callbacks import (
     QuantizationAwareTraining,
     StructuredPruning,
 )
-from lightning_segcompress.callbacks._plumbing import validation_batches
+from lightning_segcompress.callbacks._validation import validation_batches
 from lightning_segcompress.models import SegmentationModule
-from lightning_segcompress.models.segmentation_module import split_batch
 from lightning_segcompress.quantization import QuantizationConfig, prepare_network
+from lightning_segcompress.utils.batch import split_batch
 from lightning_segcompress.utils.metrics import miou_evaluator
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,9 +27,9 @@ def test_report_has_a_row_per_technique_with_accuracy_plots_and_tensorboard(tmp_
     torch.manual_seed(0)
     data = SyntheticScenesDataModule(num_classes=3, image_size=(64, 64), num_train=4, num_val=4, batch_size=2)
     kd = KnowledgeDistillation(snapshot_at="before_compression", losses={"pixel_kl": 1.0})
-    bench = DeviceBenchmark(input_size=[1, 3, 64, 64], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
+    bench = DeviceBenchmark(input_size=[64, 64], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
                             isolate=False, eval_batches=1, samples=2, output_dir=str(tmp_path / "bench"))
-    callbacks = [kd, StructuredPruning(amount=0.4, schedule="linear", start_epoch=1, end_epoch=2, steps=2),
+    callbacks = [kd, StructuredPruning(amount=0.4, schedule="linear", start_epoch=1, end_epoch=3, steps=2),
                  QuantizationAwareTraining(backend="fx", start_epoch=3), bench]
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4, limit_train_batches=1, logger=logger,

@@ -138,7 +138,7 @@ class UserModule(pl.LightningModule):
 
 def test_before_after_ratios_report_files_and_loggers_in_one_fit(tmp_path):
     data = SyntheticScenesDataModule(num_classes=3, image_size=(32, 32), num_train=8, num_val=4, batch_size=4)
-    bench = DeviceBenchmark(input_size=[1, 3, 64, 64], runtimes=["eager", "torchscript_lite"], warmup=1, runs=3,
+    bench = DeviceBenchmark(input_size=[64, 64], runtimes=["eager", "torchscript_lite"], warmup=1, runs=3,
                             isolate=False, output_dir=str(tmp_path / "bench"))
     logger = CSVLogger(tmp_path, name="logs")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[ShrinkAtTrainEnd(), bench]))
@@ -165,7 +165,7 @@ def test_before_after_ratios_report_files_and_loggers_in_one_fit(tmp_path):
 
 def test_memory_section_and_tiled_stages(tmp_path):
     data = SyntheticScenesDataModule(num_classes=3, image_size=(32, 32), num_train=8, num_val=4, batch_size=4)
-    bench = DeviceBenchmark(input_size=[1, 3, 64, 64], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
+    bench = DeviceBenchmark(input_size=[64, 64], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
                             isolate=False, tile_grids=[[2, 2]], output_dir=str(tmp_path / "bench"))
     logger = CSVLogger(tmp_path, name="logs")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[bench]))
@@ -195,7 +195,7 @@ def test_memory_section_and_tiled_stages(tmp_path):
 def test_failing_export_does_not_stop_training_or_checkpointing(tmp_path):
     module = SegmentationModule(network=UntraceableNet(), num_classes=2)
     data = SyntheticScenesDataModule(num_classes=2, image_size=(32, 32), num_train=8, num_val=4, batch_size=4)
-    bench = DeviceBenchmark(input_size=[1, 3, 32, 32], runtimes=["torchscript_lite"], runs=1, warmup=0,
+    bench = DeviceBenchmark(input_size=[32, 32], runtimes=["torchscript_lite"], runs=1, warmup=0,
                             isolate=False, output_dir=str(tmp_path / "bench"))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt")
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, enable_checkpointing=True, callbacks=[bench, checkpoint]))
@@ -208,8 +208,8 @@ def test_failing_export_does_not_stop_training_or_checkpointing(tmp_path):
 
 
 def test_resumed_run_keeps_its_baseline(tmp_path):
-    bench = DeviceBenchmark(input_size=[1, 3, 32, 32], runtimes=["eager"], runs=1, isolate=False)
+    bench = DeviceBenchmark(input_size=[32, 32], runtimes=["eager"], runs=1, isolate=False)
     bench.stages = {"baseline": {"report": {"macs": 5, "runtimes": {}}, "ratios": None}}
-    restored = DeviceBenchmark(input_size=[1, 3, 32, 32], runtimes=["eager"])
+    restored = DeviceBenchmark(input_size=[32, 32], runtimes=["eager"])
     restored.load_state_dict(bench.state_dict())
     assert restored.baseline == {"macs": 5, "runtimes": {}}

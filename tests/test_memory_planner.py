@@ -119,7 +119,7 @@ def test_untraceable_model_gets_one_clear_error():
 
 def test_memory_cli_prints_untiled_and_tiled_reports(tmp_path, capsys):
     out_file, csv_file = tmp_path / "memory.md", tmp_path / "tensors.csv"
-    memory_main([f"--network={SMP_DEEPLAB}".replace("'", '"'), "--num_classes=3", "--input_size=[1,3,64,64]",
+    memory_main([f"--network={SMP_DEEPLAB}".replace("'", '"'), "--num_classes=3", "--input_size=[64,64]",
                  "--grids=[[2,2]]", f"--output={out_file}", f"--tensors_csv={csv_file}"])
     rows = list(csv.DictReader(csv_file.open()))
     assert rows[0]["shape"] == "1x3x64x64" and rows[0]["first_step"] == "0"  # the input, first in execution order
@@ -132,8 +132,8 @@ def test_memory_cli_prints_untiled_and_tiled_reports(tmp_path, capsys):
 
 
 def test_memory_cli_reads_a_recipe_and_needs_one_source(capsys):
-    memory_main(["--recipe=recipes/quickstart.yaml", "--input_size=[1,3,64,64]", "--measure=false"])
+    memory_main(["--recipe=recipes/quickstart.yaml", "--input_size=[64,64]", "--measure=false"])
     printed = capsys.readouterr().out
     assert "Input 1x3x64x64" in printed and "not measured" in printed and "network.decoder" in printed
     with pytest.raises(ValueError, match="exactly one"):
-        memory_main(["--input_size=[1,3,64,64]"])
+        memory_main(["--input_size=[64,64]"])

@@ -38,14 +38,14 @@ def _setup(spec, classes=4, size=64):
 # ---- schedules -----------------------------------------------------------------------------------------
 
 def test_schedule_step_epochs_and_fractions():
-    agp = PruningSchedule("agp", amount=0.5, start_epoch=2, end_epoch=8, steps=4)
+    agp = PruningSchedule("agp", amount=0.5, start_epoch=2, end_epoch=9, steps=4)
     assert agp.step_epochs() == [2, 4, 6, 8]
     fractions = [agp.fraction_after(k) for k in range(1, 5)]
     assert fractions[-1] == pytest.approx(0.5)
     assert fractions[0] == pytest.approx(0.5 * (1 - 0.75**3))
     cuts = [b - a for a, b in zip([0.0] + fractions, fractions)]
     assert cuts == sorted(cuts, reverse=True)  # AGP prunes most early
-    linear = PruningSchedule("linear", amount=0.6, start_epoch=0, end_epoch=2, steps=3)
+    linear = PruningSchedule("linear", amount=0.6, start_epoch=0, end_epoch=3, steps=3)
     assert linear.step_epochs() == [0, 1, 2]
     assert [linear.fraction_after(k) for k in (1, 2, 3)] == pytest.approx([0.2, 0.4, 0.6])
     assert PruningSchedule("one_shot", amount=0.3, start_epoch=5).step_epochs() == [5]
@@ -55,7 +55,7 @@ def test_schedule_step_epochs_and_fractions():
     (dict(kind="agp", amount=1.0), "amount must be a fraction in \\(0, 1\\)"),
     (dict(kind="agp", amount=0.0), "amount must be a fraction"),
     (dict(kind="cubic", amount=0.5), "schedule must be one of"),
-    (dict(kind="linear", amount=0.5, start_epoch=0, end_epoch=1, steps=3), "3 steps need at least 3 epochs"),
+    (dict(kind="linear", amount=0.5, start_epoch=0, end_epoch=2, steps=3), "3 steps need at least 3 epochs"),
     (dict(kind="one_shot", amount=0.5, steps=2), "one_shot schedule prunes once"),
 ])
 def test_schedule_rejects_bad_values(kwargs, message):

@@ -36,7 +36,9 @@ def test_weights_cover_every_prunable_group(unet):
 
 def test_plan_with_latency_weights_hits_the_macs_target(unet):
     network, example, classifier = unet
-    weights = latency_group_weights(network, example, classifier, threads=1, runs=1)
+    # weights in latency_group_weights' range, but fixed: measured ones change from run to run (timing noise)
+    groups = latency_group_weights(network, example, classifier, threads=1, runs=1)
+    weights = {group: (0.5, 0.8, 1.25, 2.0)[i % 4] for i, group in enumerate(sorted(groups))}
     reference = measure(network, example, ["macs"])["macs"]
     config = PruningConfig(ignored_layers=classifier, round_to=8)
     importance = KeepBest(build_importance("l2"), min_channels=8)

@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -13,8 +14,9 @@ def python_blocks():
 @pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     """The examples run in order in one namespace, as a reader would paste them."""
-    basics, pruning, memory = python_blocks()
+    basics, pruning, memory, protocol = python_blocks()
     monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)  # the examples do not seed: make them independent of the tests this worker ran before
     namespace = {"__name__": "readme_example"}
     exec(compile(basics, str(README), "exec"), namespace)
     out = capsys.readouterr().out
@@ -33,6 +35,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     exec(compile(memory, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "| fp32 |" in out and "| int8 |" in out and "4x4 tiles; prefix:" in out and "tail:" in out
+
+    exec(compile(protocol, str(README), "exec"), namespace)
+    protect = namespace["ProtectLayers"](["0"])
+    assert protect.state_key == "ProtectLayers" and protect.hyperparameters() == {"layers": ["0"]}
 
 
 @pytest.mark.parametrize("index, expected", [(0, ["lraspp_mobilenet_v3_large", "CityscapesDataModule"]),

@@ -25,7 +25,7 @@ EXPECTED = {
                         (COMPRESSION_REPORT, "| final | structured_pruning + quantization |")],
     "budgeted_sparsity_kd": [(COMPRESSION_REPORT, "| final | structured_pruning |")],
     "pixel_level_cap": [(COMPRESSION_REPORT, "| final | structured_pruning |")],
-    "post_pruning_encoder_decoder": [("*/version_0/post_pruning/post_pruning.md", "Tolerance: 0.5"),
+    "post_pruning_encoder_decoder": [("*/version_0/post_pruning/post_pruning.md", "max_miou_drop: 0.5"),
                                      (COMPRESSION_REPORT, "| final | structured_pruning |")],
 }
 

@@ -11,8 +11,9 @@ from torch import nn
 from conftest import SMP_UNET, run_ddp_script, trainer_kwargs
 from lightning_segcompress import SyntheticScenesDataModule, load_compressed
 from lightning_segcompress.callbacks import PostPruning, SparsityRegularization, StructuredPruning
-from lightning_segcompress.pruning import layer_widths
-from lightning_segcompress.pruning.post_pruning import group_costs, snapshot_network, take_back
+from lightning_segcompress.callbacks.protocol import CompressionCallback
+from lightning_segcompress.pruning import PruningError, layer_widths
+from lightning_segcompress.pruning.post_pruning import group_costs
 from lightning_segcompress.pruning.state import pruning_history
 from lightning_segcompress.sparsity import (
     SparsityError,
@@ -161,11 +162,11 @@ def test_bn_scale_pruning_removes_the_channels_the_penalty_drove_to_zero(tmp_pat
     module = TinyModule(lr=0.2)
     sparsity = SparsityRegularization(method="acsl", strength=0.1, end_epoch=3, update_every=1)
     pruning = StructuredPruning(amount=0.25, target="channels", importance="bn_scale", start_epoch=3, round_to=None,
-                                global_pruning=False, tolerance=0.2, input_size=[32, 32])
+                                global_pruning=False, rel_tolerance=0.2, input_size=[32, 32])
     record = {}
 
-    class BeforePruning(Callback):
-        def on_before_compression(self, trainer, pl_module):
+    class BeforePruning(CompressionCallback):
+        def on_before_compression(self, trainer, pl_module, event):
             record["gammas"] = {n: bn.weight.detach().abs().clone()
                                 for n, bn in batchnorm_layers(pl_module.net).items()}
 
@@ -182,35 +183,35 @@ def test_bn_scale_pruning_removes_the_channels_the_penalty_drove_to_zero(tmp_pat
         "no strengths of the unpruned sizes are left"
 
 
-def test_post_pruning_core_reverts_a_harmful_group():
+def test_post_pruning_core_keeps_back_a_harmful_group_and_leaves_the_network_as_it_was():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
     example = torch.randn(1, 3, 16, 16)
     step = [["0", True, [0, 1, 2]], ["3", True, [4, 5]]]
+    parameters = [id(p) for p in net.parameters()]
+    seen = []
 
     def evaluate(network):  # removing channels of layer "3" is what hurts here
+        seen.append((network[0].out_channels, network[3].out_channels))
         return 0.9 if network[3].out_channels == 8 else 0.6
 
-    restore_point, before, _ = snapshot_network(net)
-    from lightning_segcompress.pruning.state import prune_with_history
-    prune_with_history(net, step, example)
-    assert layer_widths(net)["0"] == 5 and layer_widths(net)["3"] == 6
-    result = group_costs(before, step, evaluate, example, tolerance=1.0)
+    result = group_costs(net, step, evaluate, example, max_miou_drop=1.0)
+    assert seen == [(8, 8), (5, 8), (8, 6)], "the baseline, then each group alone, on the network itself"
     assert [(g.layer, g.undone) for g in result.groups] == [("0", False), ("3", True)]
     assert result.groups[1].cost == pytest.approx(30.0) and result.kept == [step[0]]
-    take_back(net, restore_point, result.kept, example)
-    assert layer_widths(net)["0"] == 5 and layer_widths(net)["3"] == 8
-    assert pruning_history(net) == [step[0]]
-    assert net(example).shape == (1, 2, 16, 16)
-    assert layer_widths(before)["0"] == 8, "the copy the groups were tried on is untouched"
+    assert layer_widths(net)["0"] == 8 and layer_widths(net)["3"] == 8, "every trial was rolled back"
+    assert [id(p) for p in net.parameters()] == parameters, "the same parameter objects: optimizers stay valid"
+    assert pruning_history(net) == []
+    with pytest.raises(PruningError, match="max_miou_drop must be >= 0"):
+        group_costs(net, step, evaluate, example, max_miou_drop=-1.0)
 
 
 def test_post_pruning_callback_keeps_only_cheap_groups_and_checkpoints_them(tmp_path):
     torch.manual_seed(0)
     module = TinyModule()
     pruning = StructuredPruning(amount=0.4, target="channels", importance="l2", start_epoch=1, round_to=None,
-                                global_pruning=False, tolerance=0.2, input_size=[32, 32])
-    post = PostPruning(tolerance=0.0, eval_batches=1, input_size=[32, 32])
+                                global_pruning=False, rel_tolerance=0.2, input_size=[32, 32])
+    post = PostPruning(max_miou_drop=0.0, eval_batches=1, input_size=[32, 32])
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[pruning, post]))
     trainer.fit(module, _data())
     (step,) = post.steps
@@ -236,7 +237,7 @@ def test_yaml_recipe_with_sparsity_pruning_post_pruning_and_kd(tmp_path):
          "init_args": {"method": "acsl", "strength": 1e-4, "end_epoch": 1, "update_every": 1}},
         {"class_path": "lightning_segcompress.callbacks.StructuredPruning",
          "init_args": {"amount": 0.3, "importance": "bn_scale", "start_epoch": 1}},
-        {"class_path": "lightning_segcompress.callbacks.PostPruning", "init_args": {"tolerance": 1.0,
+        {"class_path": "lightning_segcompress.callbacks.PostPruning", "init_args": {"max_miou_drop": 1.0,
                                                                                     "eval_batches": 1}},
         {"class_path": "lightning_segcompress.callbacks.KnowledgeDistillation",
          "init_args": {"teacher": "snapshot", "snapshot_at": "before_compression"}},
@@ -265,8 +266,10 @@ def test_errors_name_the_cause(tmp_path):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[SparsityRegularization()]))
     with pytest.raises(SparsityError, match="no affine BatchNorm layers"):
         trainer.fit(NoBatchNorm(), _data())
-    with pytest.raises(ValueError, match="tolerance .* must be >= 0"):
-        PostPruning(tolerance=-0.5)
+    with pytest.raises(ValueError, match="max_miou_drop .* must be >= 0"):
+        PostPruning(max_miou_drop=-0.5)
+    with pytest.warns(FutureWarning, match=r"PostPruning\(tolerance=\.\.\.\) is deprecated"):
+        assert PostPruning(tolerance=1.5).max_miou_drop == 1.5
     with pytest.raises(ValueError, match="method must be one of"):
         SparsityRegularization(method="l0")
     with pytest.raises(ValueError, match="start_epoch < end_epoch"):

@@ -30,7 +30,7 @@ def _data(**overrides):
 
 
 def _agp(**overrides):
-    kwargs = dict(amount=0.5, target="macs", importance="l2", schedule="agp", start_epoch=1, end_epoch=3, steps=3)
+    kwargs = dict(amount=0.5, target="macs", importance="l2", schedule="agp", start_epoch=1, end_epoch=4, steps=3)
     kwargs.update(overrides)
     return StructuredPruning(**kwargs)
 
@@ -61,7 +61,7 @@ def agp_run(tmp_path_factory):
 def test_agp_steps_run_at_their_epochs_and_end_within_tolerance(agp_run):
     records = agp_run["pruning"].records
     assert [(r["step"], r["epoch"]) for r in records] == [(1, 1), (2, 2), (3, 3)]
-    schedule = PruningSchedule("agp", amount=0.5, start_epoch=1, end_epoch=3, steps=3)
+    schedule = PruningSchedule("agp", amount=0.5, start_epoch=1, end_epoch=4, steps=3)
     for record in records:
         assert record["requested_fraction"] == pytest.approx(schedule.fraction_after(record["step"]))
     assert records[-1]["achieved_fraction"] == pytest.approx(0.5, rel=0.03)
@@ -219,7 +219,7 @@ def test_taylor_importance_prunes_after_its_gradient_batches(tmp_path):
     (dict(target="flops"), "target must be one of \\['macs', 'params', 'channels'\\]"),
     (dict(importance="magnitude"), "Unknown importance 'magnitude': use one of"),
     (dict(importance="no_such_pkg.Score"), "Cannot import importance class 'no_such_pkg.Score'"),
-    (dict(schedule="agp", start_epoch=0, end_epoch=1, steps=4), "4 steps need at least 4 epochs"),
+    (dict(schedule="agp", start_epoch=0, end_epoch=2, steps=4), "4 steps need at least 4 epochs"),
     (dict(on_failure="ignore"), "on_failure must be 'raise' or 'skip'"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, message):
@@ -278,7 +278,7 @@ def _failing_rebuild(trainer):
 @pytest.mark.parametrize("on_failure", ["raise", "skip"])
 def test_a_failing_step_leaves_the_network_exactly_as_before(tmp_path, monkeypatch, on_failure):
     """The step fails after the channels were cut (while rebuilding the optimizers): everything is rolled back."""
-    import lightning_segcompress.callbacks.structured_pruning as module
+    import lightning_segcompress.callbacks.protocol as module
 
     monkeypatch.setattr(module, "rebuild_optimizers", _failing_rebuild)
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
@@ -28,16 +27,14 @@ from lightning_segcompress.benchmark.compression_report import (
     write_compression_report,
 )
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
-from lightning_segcompress.callbacks._plumbing import labelled_validation_batches, run_dir, validation_miou
+from lightning_segcompress.callbacks._validation import labelled_validation_batches, validation_miou
+from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
 from lightning_segcompress.compression_state import get_stages
-from lightning_segcompress.utils.inspection import (
-    copy_without_hooks,
-    find_network,
-    has_int8_modules,
-)
+from lightning_segcompress.utils.inspection import has_int8_modules
+from lightning_segcompress.utils.shapes import input_shape
 
 
-class DeviceBenchmark(Callback):
+class DeviceBenchmark(CompressionCallback):
     """Export the network to TorchScript mobile (lite interpreter) and ExecuTorch, check the outputs, and
     measure latency (median, p90), file size, params, MACs and peak memory — at fit start (the baseline)
     and at fit end (the compressed model), reporting speedup, size ratio, MACs ratio and efficiency
@@ -46,23 +43,27 @@ class DeviceBenchmark(Callback):
     The memory section plans the activations of each stage (naive sum, planned arena, lower bound, int8 arena)
     and measures eager PyTorch's peak; with ``tile_grids`` every stage is measured again under
     :class:`~lightning_segcompress.memory.TiledInference` (stage ``<stage>_tiled_<rows>x<cols>``), after
-    checking that tiled and untiled outputs agree within ``tolerance``.
+    checking that tiled and untiled outputs agree within ``atol``.
 
     With ``per_technique`` a stage is also measured each time one compression technique hands over to the next
     (``after_<kind>``, e.g. ``after_structured_pruning`` right before quantization-aware training starts), and
-    the baseline's accuracy is taken right before the first compression step, when it is trained. Each stage is
-    scored on the validation data (``val mIoU``, the same ``eval_batches`` every time).
+    the baseline's accuracy is taken right before the first compression step, when it is trained. These are
+    observers of the compression protocol: they measure the live network in ``on_before_compression`` (rank 0,
+    outside the technique's atomic step, without keeping a copy of the network). Each stage is scored on the
+    validation data (``val mIoU``, the same ``eval_batches`` every time).
 
     Results go to ``benchmark.json`` and ``benchmark.md`` in ``output_dir``, to the trainer's loggers
     (``benchmark/<stage>/<runtime>/<metric>``) and to stdout. At fit end, ``report`` writes the compression
     report there: ``compression_report.md`` / ``.html`` (one row per stage: val mIoU, params, MACs, latency, file
     size and ratios per runtime, planned activation memory) and PNGs (mIoU vs latency, mIoU vs size, channels
-    per layer, sample predictions: image, ground truth, teacher, student); with a TensorBoard logger the same
+    per layer, sample predictions: image, ground truth, before compression, final); with a TensorBoard logger the same
     figures go to TensorBoard (``compression/<name>``). An export or timing failure is recorded in the
     report, never raised: it cannot crash or lose a training run. Only global rank 0 measures.
 
     Args:
-        input_size: ``[N, C, H, W]`` of the benchmark input.
+        input_size: ``[H, W]`` of the benchmark input (as everywhere in this package; ``[N, C, H, W]`` is a
+            deprecated spelling).
+        batch_size: batch size of the benchmark input.
         runtimes: any of ``"eager"``, ``"torchscript_lite"``, ``"executorch"`` (skipped, with the reason
             recorded, where executorch is not installed).
         threads: CPU threads for timing; ``None`` keeps torch's default.
@@ -75,7 +76,7 @@ class DeviceBenchmark(Callback):
         every_n_epochs: also measure after every N training epochs (0 = never).
         network_attribute: attribute path of the network in the LightningModule (default: found
             automatically, see ``find_network``).
-        tolerance: largest accepted absolute difference between a runtime's output and eager (int8 networks,
+        atol: largest accepted absolute difference between a runtime's output and eager (int8 networks,
             whose kernels round differently: at least 85 % of the pixels must get eager's class instead).
         isolate: time exported models in a fresh subprocess per runtime (clean peak memory).
         memory: plan and measure activation memory for every stage.
@@ -88,22 +89,24 @@ class DeviceBenchmark(Callback):
         report: write the compression report (Markdown, HTML, PNGs) at fit end.
         samples: images in the report's sample-prediction grid.
         ignore_index: label ignored by the mIoU and shown black in the samples.
+        tolerance: deprecated spelling of ``atol``.
 
     Example::
 
-        trainer = Trainer(callbacks=[DeviceBenchmark(input_size=[1, 3, 512, 512], threads=2)])
+        trainer = Trainer(callbacks=[DeviceBenchmark(input_size=[512, 512], threads=2)])
 
     or in YAML::
 
         trainer:
           callbacks:
             - class_path: lightning_segcompress.callbacks.DeviceBenchmark
-              init_args: {input_size: [1, 3, 512, 512], runtimes: [eager, torchscript_lite], threads: 2}
+              init_args: {input_size: [512, 512], runtimes: [eager, torchscript_lite], threads: 2}
     """
 
     def __init__(
         self,
-        input_size: list[int] | tuple[int, ...] = (1, 3, 512, 512),
+        input_size: list[int] | tuple[int, ...] = (512, 512),
+        batch_size: int = 1,
         runtimes: list[str] | tuple[str, ...] = ("eager", "torchscript_lite", "executorch"),
         threads: int | None = None,
         warmup: int = 3,
@@ -113,7 +116,7 @@ class DeviceBenchmark(Callback):
         on_fit_end: bool = True,
         every_n_epochs: int = 0,
         network_attribute: str | None = None,
-        tolerance: float = 1e-3,
+        atol: float = 1e-3,
         isolate: bool = True,
         memory: bool = True,
         tile_grids: list[list[int]] | None = None,
@@ -125,12 +128,14 @@ class DeviceBenchmark(Callback):
         report: bool = True,
         samples: int = 4,
         ignore_index: int = 255,
+        tolerance: float | None = None,
     ) -> None:
+        atol = self.take_renamed("tolerance", "atol", tolerance, atol, 1e-3)
         if isinstance(runtimes, str):
             runtimes = [runtimes]
         self.settings = BenchmarkSettings(
-            input_shape=tuple(int(s) for s in input_size), runtimes=tuple(runtimes), threads=threads,
-            warmup=warmup, runs=runs, tolerance=tolerance, isolate=isolate, memory=memory,
+            input_shape=input_shape(input_size, batch_size, owner="DeviceBenchmark"), runtimes=tuple(runtimes),
+            threads=threads, warmup=warmup, runs=runs, tolerance=atol, isolate=isolate, memory=memory,
         )
         self.tile_grids = [[int(g) for g in grid] for grid in (tile_grids or [])]
         if any(len(grid) != 2 or min(grid) < 1 for grid in self.tile_grids):
@@ -156,8 +161,7 @@ class DeviceBenchmark(Callback):
         self.ignore_index = ignore_index
         self.stages: dict[str, dict] = {}
         self.technique: str | None = None  # the compression technique at work now
-        self._before_step: torch.nn.Module | None = None  # the network right before the current compression step
-        self._reference: torch.nn.Module | None = None  # the trained network before compression (for samples)
+        self._reference_predictions: torch.Tensor | None = None  # samples' classes before compression
 
     @property
     def baseline(self) -> dict | None:
@@ -178,24 +182,22 @@ class DeviceBenchmark(Callback):
         if self.write_compression_report and trainer.is_global_zero and self.stages:
             self.write_compression_report_files(trainer, pl_module)
 
-    def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.per_technique and trainer.is_global_zero:
-            self._before_step = copy_without_hooks(find_network(pl_module, self.network_attribute))
-
-    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A new technique started (its first step just ran): measure the network as the previous one left it."""
-        before, self._before_step = self._before_step, None
-        stages = get_stages(find_network(pl_module, self.network_attribute))
-        kind = stages[-1]["kind"] if stages else None
-        if before is None or kind == self.technique:
+    def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                              event: CompressionEvent) -> None:
+        """A new technique is about to take its first step: measure the network as the previous one left it."""
+        if not self.per_technique or event.kind == self.technique:
             return
-        finished, self.technique = self.technique, kind
-        if finished is None:
-            self._reference = before
-            if "baseline" in self.stages:  # measured at fit start: same architecture, now trained
-                self.stages["baseline"]["miou"] = self._score(trainer, before)
-                return
-        self.measure(trainer, pl_module, "baseline" if finished is None else f"after_{finished}", network=before)
+        finished, self.technique = self.technique, event.kind
+        if not trainer.is_global_zero:
+            return
+        with torch.random.fork_rng(devices=[]):  # measuring must not change the training's random stream
+            if finished is None:
+                self._reference_predictions = self._sample_predictions(trainer, event.network)
+                if "baseline" in self.stages:  # measured at fit start: same architecture, now trained
+                    self.stages["baseline"]["miou"] = self._score(trainer, event.network)
+                    return
+            self.measure(trainer, pl_module, "baseline" if finished is None else f"after_{finished}",
+                         network=event.network)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
                 network: torch.nn.Module | None = None) -> dict | None:
@@ -203,8 +205,8 @@ class DeviceBenchmark(Callback):
         ``tile_grids``) and score it on the validation data; returns the report (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
-        output_dir = run_dir(trainer, "benchmark", self.output_dir)
-        network = network if network is not None else find_network(pl_module, self.network_attribute)
+        output_dir = self.run_dir(trainer, "benchmark")
+        network = network if network is not None else self.network(pl_module)
         report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage)
         miou = self._score(trainer, network)
         self.stages[stage].update(miou=miou, channels=conv_widths(network),
@@ -247,7 +249,7 @@ class DeviceBenchmark(Callback):
 
     def write_compression_report_files(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Write the compression report and its figures to ``output_dir`` (and TensorBoard); returns the paths."""
-        output_dir = run_dir(trainer, "benchmark", self.output_dir)
+        output_dir = self.run_dir(trainer, "benchmark")
         figures = {"miou_vs_latency": tradeoff_figure(self.stages, "median_ms"),
                    "miou_vs_size": tradeoff_figure(self.stages, "size_mb"),
                    "channels_per_layer": channels_figure(self.stages)}
@@ -266,30 +268,36 @@ class DeviceBenchmark(Callback):
         rank_zero_info(f"\nCompression report ({paths['markdown']}):\n{compression_table(self.stages)}\n")
         return paths
 
-    def _samples_figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+    def _sample_images(self, trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
         batches = labelled_validation_batches(trainer, self.samples)  # every batch holds at least one image
         if not batches:
             return None
-        images = torch.cat([b[0] for b in batches])[:self.samples]
-        masks = torch.cat([b[1] for b in batches])[:self.samples]
-        teacher = next((c.distiller.teacher for c in trainer.callbacks
-                        if getattr(c, "active", False) and getattr(c, "distiller", None) is not None), None)
+        return torch.cat([b[0] for b in batches])[:self.samples], torch.cat([b[1] for b in batches])[:self.samples]
+
+    def _sample_predictions(self, trainer: pl.Trainer, network: torch.nn.Module) -> torch.Tensor | None:
+        samples = self._sample_images(trainer) if self.samples and self.write_compression_report else None
+        return None if samples is None else predicted_classes(network, samples[0])
+
+    def _samples_figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        samples = self._sample_images(trainer)
+        if samples is None:
+            return None
+        images, masks = samples
         predictions = {}
-        if teacher is not None or self._reference is not None:
-            label = "teacher" if teacher is not None else "before compression"
-            predictions[label] = predicted_classes(teacher if teacher is not None else self._reference, images)
-        predictions["student"] = predicted_classes(find_network(pl_module, self.network_attribute), images)
+        if self._reference_predictions is not None:
+            predictions["before compression"] = self._reference_predictions
+        predictions["final"] = predicted_classes(self.network(pl_module), images)
         labels = masks[masks != self.ignore_index]
         highest = [int(p.max()) for p in predictions.values()] + ([int(labels.max())] if labels.numel() else [])
         classes = 1 + max(highest)
         return samples_figure(images, masks, predictions, classes, self.ignore_index)
 
-    def state_dict(self) -> dict[str, Any]:
+    def progress_state(self) -> dict[str, Any]:
         return {"stages": self.stages, "technique": self.technique}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.stages = dict(state_dict.get("stages", {}))
-        self.technique = state_dict.get("technique")
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.stages = dict(state.get("stages", {}))
+        self.technique = state.get("technique")
 
 
 def _close(figure) -> None:

@@ -8,16 +8,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from lightning_segcompress.callbacks._plumbing import (
-    average_gradients,
-    broadcast_from_rank_zero,
-    checked_input_size,
+from lightning_segcompress.callbacks._ddp import average_gradients, broadcast_from_rank_zero
+from lightning_segcompress.callbacks._training import (
     install_extra_parameters,
+    install_loss_term,
     remove_extra_parameters,
+    remove_loss_term,
 )
+from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
 from lightning_segcompress.compression_state import load_network_weights
 from lightning_segcompress.distillation import (
     DistillationError,
@@ -31,18 +32,22 @@ from lightning_segcompress.distillation import (
 )
 from lightning_segcompress.distillation.distiller import connector_channels
 from lightning_segcompress.models.factory import build_network
-from lightning_segcompress.models.segmentation_module import SegmentationModule, split_batch
+from lightning_segcompress.models.segmentation_module import SegmentationModule
+from lightning_segcompress.utils.batch import batch_labels
 from lightning_segcompress.utils.inspection import (
     example_input,
     extract_logits,
     find_classifier_layers,
     find_network,
 )
+from lightning_segcompress.utils.shapes import checked_input_size
+
+TEACHER_FILE = "teacher_snapshot.pt"
 
 SNAPSHOT_MOMENTS = ("fit_start", "before_compression")
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(CompressionCallback):
     """Distil a frozen teacher into the network of any LightningModule during ``fit``.
 
     The module's ``training_step`` is left as it is: its returned loss (a tensor or a dict with ``"loss"``) becomes
@@ -57,8 +62,11 @@ class KnowledgeDistillation(Callback):
             ``LightningModule``.
         teacher_checkpoint: weights for a spec teacher: a Lightning checkpoint or a bare state dict (compressed
             checkpoints are restored first).
-        snapshot_at: ``"fit_start"`` or ``"before_compression"`` (right before the first pruning / shunt step, so
-            "KD after pruning" needs no second model file; no distillation before that).
+        snapshot_at: ``"fit_start"`` or ``"before_compression"`` (right before the first compression step of any
+            technique, pruning, shunt or quantization, so "KD after pruning" needs no second model file; no
+            distillation before that). The snapshot is the compression protocol's shared pre-step copy, and it is
+            saved once to ``<output_dir>/teacher_snapshot.pt`` instead of into every checkpoint; a resumed fit
+            reads it from there (or from the resumed checkpoint's folder).
         losses: ``{name: weight}`` or ``{name: {weight, options}}`` for ``pixel_kl`` (temperature), ``cwd``
             (temperature), ``pairwise`` (pool_scale, student_layer, teacher_layer; default: the classifier's
             input), ``ace`` (kappa). Defaults follow the publications (see ``distillation.losses.DEFAULTS``).
@@ -71,6 +79,7 @@ class KnowledgeDistillation(Callback):
         teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
         input_size: ``[H, W]`` of the example used to check student and teacher at fit start.
         network_attribute: the student network's attribute path in the LightningModule (default: found).
+        output_dir: where a snapshot teacher is saved (default ``<log dir>/distillation``).
 
     Example::
 
@@ -92,6 +101,7 @@ class KnowledgeDistillation(Callback):
         teacher_autocast: bool = False,
         input_size: list[int] | None = None,
         network_attribute: str | None = None,
+        output_dir: str | None = None,
     ) -> None:
         if snapshot_at not in SNAPSHOT_MOMENTS:
             raise ValueError(f"snapshot_at must be one of {list(SNAPSHOT_MOMENTS)}, got {snapshot_at!r}.")
@@ -120,64 +130,72 @@ class KnowledgeDistillation(Callback):
         self.teacher_autocast = teacher_autocast
         self.input_size = checked_input_size(input_size)
         self.network_attribute = network_attribute
+        self.output_dir = output_dir
         self.distiller: Distiller | None = None
         self.active = False  # False until a snapshot teacher exists
-        self._template: nn.Module | None = None  # the student before any compression, for snapshot restores
-        self._pending: dict | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(teacher=self.teacher if isinstance(self.teacher, str) else "module",
-                                        losses=sorted(self.losses))
+        self.teacher_file: str | None = None  # where the snapshot teacher was saved
+        self._template: nn.Module | None = None  # a resumed fit: the student as built, to rebuild the teacher on
+        self._resumed = False
+        self._legacy_snapshot: dict | None = None
 
     # ---- set-up and tear-down ------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        student = find_network(pl_module, self.network_attribute)
+        student = self.network(pl_module)
         example = example_input(student, size=tuple(self.input_size))
         if self.teacher == "snapshot":
+            # a resumed fit rebuilds its teacher on the network as built, before the checkpoint's stages are replayed
+            # on the student; whether this fit resumes is only known later, so the copy lives until on_fit_start
             self._template = snapshot(student)
-            teacher, self.active = self._template, False
+            teacher, self.active = None, False
         else:
             teacher, self.active = self._build_teacher(student, example), True
-        teacher.to(example.device)
-        pairwise_default = _classifier_inputs(student, teacher, example) if "pairwise" in self.losses else None
+            teacher.to(example.device)
+        pairwise_default = _classifier_inputs(student, teacher or student, example) if "pairwise" in self.losses \
+            else None
         self.distiller = Distiller(student, teacher, self.losses, self.hints, self.ignore_index,
                                    self.teacher_autocast, pairwise_default)
         self.distiller.attach()
         self.distiller.check(example)  # class counts, layers and connectors: errors now, not mid-epoch
         install_extra_parameters(pl_module, self.state_key, self._connector_parameters)
         if pl_module.automatic_optimization:
-            self._wrap_training_step(pl_module)
+            install_loss_term(pl_module, self.state_key, self._add_distillation)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.distiller is None:
             return
+        # follow the network the fit ended with (e.g. the int8 conversion), so the one it replaced can be freed
+        self.distiller.set_student(self.network(pl_module))
         self.distiller.detach()
         remove_extra_parameters(pl_module, self.state_key)
-        pl_module.__dict__.pop("training_step", None)
+        remove_loss_term(pl_module, self.state_key)
+        self._template = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        student = find_network(pl_module, self.network_attribute)
-        if self._pending is not None:  # a snapshot teacher from the checkpoint being resumed
-            self._set_teacher(restore_snapshot(self._template, self._pending))
-            self._pending = None
+        student = self.network(pl_module)
+        template, self._template = self._template, None
+        if self._resumed and self.teacher == "snapshot" and self.active:  # the snapshot teacher of the resumed fit
+            self._set_teacher(restore_snapshot(template, self._load_teacher_file(trainer)))
         elif self.teacher == "snapshot" and self.snapshot_at == "fit_start" and not self.active:
-            self._set_teacher(snapshot(student))
+            del template
+            self._take_snapshot(trainer, snapshot(student))
         device = next(student.parameters()).device
-        self.distiller.teacher.to(device)
+        if self.distiller.teacher is not None:
+            self.distiller.teacher.to(device)
         self.distiller.connectors.to(device)
         self._sync_connectors()
 
-    def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                              event: CompressionEvent) -> None:
         if self.teacher == "snapshot" and self.snapshot_at == "before_compression" and not self.active:
-            self._set_teacher(snapshot(find_network(pl_module, self.network_attribute)))
+            self._take_snapshot(trainer, event.snapshot())
 
-    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             event: CompressionEvent) -> None:
         """The student changed: follow a replaced network (quantization); rebuild connectors of pruned layers."""
-        student = find_network(pl_module, self.network_attribute)
+        student = self.network(pl_module)
         if student is not self.distiller.student:
             self.distiller.set_student(student)
         if self.hints:
@@ -193,6 +211,32 @@ class KnowledgeDistillation(Callback):
         device = next(self.distiller.student.parameters()).device
         self.distiller.set_teacher(teacher.to(device))
         self.active = True
+
+    def _take_snapshot(self, trainer: pl.Trainer, teacher: nn.Module) -> None:
+        """Distil from ``teacher`` (a frozen copy of the student) from now on; rank 0 saves it once, so that
+        checkpoints need not carry it."""
+        self._set_teacher(teacher)
+        path = self.run_dir(trainer, "distillation") / TEACHER_FILE
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(snapshot_state(teacher), path)
+        self.teacher_file = str(path.resolve())
+
+    def _load_teacher_file(self, trainer: pl.Trainer) -> dict:
+        if self._legacy_snapshot is not None:  # a checkpoint from before the teacher file: the teacher is inline
+            state, self._legacy_snapshot = self._legacy_snapshot, None
+            return state
+        candidates = [Path(self.teacher_file)] if self.teacher_file else []
+        if trainer.ckpt_path:
+            candidates.append(Path(trainer.ckpt_path).resolve().parent / TEACHER_FILE)
+        for path in candidates:
+            if path.is_file():
+                rank_zero_info(f"KnowledgeDistillation: snapshot teacher restored from {path}.")
+                return torch.load(path, map_location="cpu", weights_only=True)
+        raise DistillationError(
+            f"The resumed fit distils from a snapshot teacher saved to {self.teacher_file}, which does not exist "
+            f"(nor {TEACHER_FILE} beside the checkpoint). Copy {TEACHER_FILE} from the original run there or "
+            "next to the checkpoint, or give the teacher as a spec with teacher_checkpoint.")
 
     def _build_teacher(self, student: nn.Module, example: torch.Tensor) -> nn.Module:
         teacher = self.teacher
@@ -219,31 +263,18 @@ class KnowledgeDistillation(Callback):
 
     # ---- the loss --------------------------------------------------------------------------------------------
 
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
-        original = pl_module.training_step
-
-        def training_step(*args, **kwargs):
-            output = original(*args, **kwargs)
-            if not self.active or output is None:
-                self.distiller.student_capture.clear()  # drop the graph the hooks kept
-                return output
-            batch = args[0] if args else kwargs.get("batch")
-            distillation = self.distillation_loss(pl_module, batch)
-            if isinstance(output, torch.Tensor):
-                return self.alpha * output + distillation
-            if isinstance(output, Mapping) and "loss" in output:
-                return {**output, "loss": self.alpha * output["loss"] + distillation}
-            raise TypeError(f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; "
-                            "KnowledgeDistillation needs a loss tensor or a dict with 'loss'.")
-
-        pl_module.training_step = training_step
+    def _add_distillation(self, loss: torch.Tensor, batch: Any, pl_module: pl.LightningModule) -> torch.Tensor:
+        if not self.active:
+            self.distiller.student_capture.clear()  # drop the graph the hooks kept
+            return loss
+        return self.alpha * loss + self.distillation_loss(pl_module, batch)
 
     def distillation_loss(self, pl_module: pl.LightningModule, batch: Any = None) -> torch.Tensor:
         """The weighted distillation loss for the student's latest forward (logged per term as ``kd/<name>``).
         Call it after the forward in a manual-optimization ``training_step`` and add it to your loss."""
         if not self.active:
             return torch.zeros((), device=pl_module.device)
-        target = _labels(batch)
+        target = batch_labels(batch)
         total, terms = self.distiller.compute(target)
         for name, value in terms.items():
             pl_module.log(f"kd/{name}", value.detach(), on_step=True, on_epoch=True)
@@ -259,34 +290,25 @@ class KnowledgeDistillation(Callback):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"active": self.active}
+    def progress_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"active": self.active, "teacher_file": self.teacher_file}
         if self.distiller is not None:
             state["connectors"] = {key: {"channels": connector_channels(m), "state_dict": m.state_dict()}
                                    for key, m in self.distiller.connectors.items()}
-            if self.teacher == "snapshot" and self.active:  # the teacher a resumed fit must distil from
-                state["snapshot"] = snapshot_state(self.distiller.teacher)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_progress_state(self, state: dict[str, Any]) -> None:
         if self.distiller is not None:
-            for key, entry in state_dict.get("connectors", {}).items():
+            for key, entry in state.get("connectors", {}).items():
                 channels = entry["channels"]
                 connector = make_connector(*channels) if channels else nn.Identity()
                 connector.load_state_dict(entry["state_dict"])
                 self.distiller.connectors[key] = connector
-        if "snapshot" in state_dict:
-            self._pending = state_dict["snapshot"]
-
-
-def _labels(batch: Any) -> torch.Tensor | None:
-    if batch is None:
-        return None
-    try:
-        labels = split_batch(batch)[1]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return labels if isinstance(labels, torch.Tensor) and labels.dim() == 3 else None
+        self.teacher_file = state.get("teacher_file")
+        self._legacy_snapshot = state.get("snapshot")
+        self._resumed = True
+        if self.teacher == "snapshot":
+            self.active = bool(state.get("active"))
 
 
 def _classifier_inputs(student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:

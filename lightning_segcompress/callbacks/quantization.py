@@ -5,21 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
 
-from lightning_segcompress.callbacks._plumbing import (
-    announce_compression,
-    broadcast_from_rank_zero,
-    checked_input_size,
-    install_checkpoint_restore,
-    rebuild_optimizers,
-    remove_checkpoint_restore,
-    rewrap_ddp,
-)
+from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
+from lightning_segcompress.callbacks._ddp import broadcast_from_rank_zero
+from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent, run_compression_step
 from lightning_segcompress.compression_state import network_path, replace_network, write_to_checkpoint
-from lightning_segcompress.models.segmentation_module import split_batch
 from lightning_segcompress.quantization import (
     QuantizationConfig,
     calibrate,
@@ -30,10 +23,121 @@ from lightning_segcompress.quantization import (
     quantization_stage,
     resolve_keep_float,
 )
-from lightning_segcompress.utils.inspection import find_network
+from lightning_segcompress.quantization.quantize import KIND
+from lightning_segcompress.utils.batch import split_batch
+from lightning_segcompress.utils.shapes import checked_input_size
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationCallback(CompressionCallback):
+    """What :class:`QuantizationAwareTraining` and :class:`PostTrainingQuantization` share: preparing the network
+    (a compression step of the protocol), converting it to int8, checkpoints, and logging the metric of the model
+    that was converted. Subclasses set ``qat`` and decide when to prepare."""
+
+    qat: bool
+    pre_int8_label: str  # what the model measured during fit was
+
+    def __init__(self, backend: str, engine: str, keep_float: list[str] | None, per_channel: bool,
+                 input_size: list[int] | None, monitor: str, network_attribute: str | None) -> None:
+        input_size = checked_input_size(input_size)
+        self.config = QuantizationConfig(backend=backend, engine=engine, qat=self.qat, per_channel=per_channel,
+                                         example_shape=(2, 3, *input_size))  # validates backend and engine
+        self.keep_float_patterns = list(keep_float or [])
+        self.monitor = monitor
+        self.network_attribute = network_attribute
+        self.pre_int8_metric: float | None = None  # last validation ``monitor`` before conversion
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        network = self.network(pl_module)
+        if quantization_stage(network) is None:  # names refer to the float network
+            keep_float = resolve_keep_float(network, self.keep_float_patterns)
+            self.config = QuantizationConfig.from_dict({**self.config.as_dict(), "keep_float": keep_float})
+        install_checkpoint_restore(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_checkpoint_restore(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(pl_module)
+        if trainer.state.fn == TrainerFn.FITTING and self._measures_model_to_convert(stage):
+            value = trainer.callback_metrics.get(self.monitor)
+            self.pre_int8_metric = None if value is None else float(value)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.convert(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.convert(trainer, pl_module)  # when no training ran (e.g. max_epochs reached already)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self.convert(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.convert(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_pre_int8_metric(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_pre_int8_metric(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
+
+    def progress_state(self) -> dict[str, Any]:
+        return {"pre_int8_metric": self.pre_int8_metric}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.pre_int8_metric = state.get("pre_int8_metric")
+
+    # ---- the steps -------------------------------------------------------------------------------------
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Trace the network and insert fake quantization (observers for PTQ), announced as a compression step;
+        on failure the module keeps its float network (the error names the module and the fix)."""
+        network = self.network(pl_module)
+        path = network_path(pl_module, network)
+        event = CompressionEvent(KIND, 1, network, trainer.current_epoch, trainer.global_step)
+
+        def apply() -> nn.Module:
+            prepared = prepare_network(network, self.config)  # raises before anything was replaced
+            replace_network(pl_module, path, prepared)
+            return prepared
+
+        run_compression_step(trainer, pl_module, event, apply, lambda: replace_network(pl_module, path, network),
+                             retrain=self.qat)
+        rank_zero_info(f"{type(self).__name__}: {type(network).__name__} prepared for "
+                       f"{'QAT' if self.qat else 'calibration'} ({self.config.backend}) at epoch "
+                       f"{trainer.current_epoch}.")
+
+    def convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Replace a prepared network by its int8 conversion (no-op when there is none or it is int8)."""
+        stage = self._stage(pl_module)
+        if stage is None or stage["converted"]:
+            return
+        prepared = self.network(pl_module)
+        # every DDP rank converts rank 0's ranges, scales and BN statistics
+        broadcast_from_rank_zero(prepared.buffers())
+        converted = convert_network(prepared)
+        replace_network(pl_module, network_path(pl_module, prepared), converted)
+
+    def _measures_model_to_convert(self, stage: dict | None) -> bool:
+        """Whether a validation during fit, with the network at ``stage``, measured what will become int8."""
+        raise NotImplementedError
+
+    def _stage(self, pl_module: pl.LightningModule) -> dict | None:
+        return quantization_stage(self.network(pl_module))
+
+    def _log_pre_int8_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(pl_module)
+        if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
+                self.pre_int8_metric is not None:
+            pl_module.log(f"quant/{self.pre_int8_label}_{self.monitor}", self.pre_int8_metric)
+
+
+class QuantizationAwareTraining(QuantizationCallback):
     """Train with fake quantization from ``start_epoch`` and end the fit with a real int8 network.
 
     At ``start_epoch`` the network is traced and prepared (FX: torch.ao ``prepare_qat_fx``; PT2E: torch.export
@@ -86,43 +190,21 @@ class QuantizationAwareTraining(Callback):
         monitor: str = "val_miou",
         network_attribute: str | None = None,
     ) -> None:
-        input_size = checked_input_size(input_size)
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}.")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
             if epoch is not None and epoch < start_epoch:
                 raise ValueError(f"{name} ({epoch}) must not come before start_epoch ({start_epoch}).")
-        self.config = QuantizationConfig(backend=backend, engine=engine, qat=self.qat, per_channel=per_channel,
-                                         example_shape=(2, 3, *input_size))  # validates backend and engine
-        self.keep_float_patterns = list(keep_float or [])
+        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute)
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
-        self.monitor = monitor
-        self.network_attribute = network_attribute
-        self.pre_int8_metric: float | None = None  # last validation ``monitor`` before conversion
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(backend=self.config.backend, qat=self.qat)
-
-    # ---- Lightning hooks -------------------------------------------------------------------------------
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        network = find_network(pl_module, self.network_attribute)
-        if quantization_stage(network) is None:  # names refer to the float network
-            keep_float = resolve_keep_float(network, self.keep_float_patterns)
-            self.config = QuantizationConfig.from_dict({**self.config.as_dict(), "keep_float": keep_float})
-        install_checkpoint_restore(pl_module)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_checkpoint_restore(pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch >= self.start_epoch and self._stage(pl_module) is None:
             self.prepare(trainer, pl_module)
-        network = find_network(pl_module, self.network_attribute)
+        network = self.network(pl_module)
         if quantization_stage(network) is None:
             return
         if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
@@ -130,83 +212,11 @@ class QuantizationAwareTraining(Callback):
         if self.freeze_observer_epoch is not None and epoch >= self.freeze_observer_epoch:
             freeze_observers(network)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = self._stage(pl_module)
-        if trainer.state.fn == TrainerFn.FITTING and self._measures_model_to_convert(stage):
-            value = trainer.callback_metrics.get(self.monitor)
-            self.pre_int8_metric = None if value is None else float(value)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.convert(trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.convert(trainer, pl_module)  # when no training ran (e.g. max_epochs reached already)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:
-            self.convert(trainer, pl_module)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.convert(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_pre_int8_metric(trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_pre_int8_metric(trainer, pl_module)
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pre_int8_metric": self.pre_int8_metric}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pre_int8_metric = state_dict.get("pre_int8_metric")
-
-    # ---- the steps -------------------------------------------------------------------------------------
-
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Trace the network and insert fake quantization (observers for PTQ); the module keeps working on
-        failure (the error names the module and the fix)."""
-        network = find_network(pl_module, self.network_attribute)
-        announce_compression(trainer, pl_module, "before")
-        prepared = prepare_network(network, self.config)  # raises before anything was replaced
-        replace_network(pl_module, network_path(pl_module, network), prepared)
-        announce_compression(trainer, pl_module, "after")
-        if self.qat:
-            rebuild_optimizers(trainer)
-            rewrap_ddp(trainer)
-        rank_zero_info(f"QuantizationAwareTraining: {type(network).__name__} prepared for "
-                       f"{'QAT' if self.qat else 'calibration'} ({self.config.backend}) at epoch "
-                       f"{trainer.current_epoch}.")
-
-    def convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Replace a prepared network by its int8 conversion (no-op when there is none or it is int8)."""
-        stage = self._stage(pl_module)
-        if stage is None or stage["converted"]:
-            return
-        prepared = find_network(pl_module, self.network_attribute)
-        # every DDP rank converts rank 0's ranges, scales and BN statistics
-        broadcast_from_rank_zero(prepared.buffers())
-        converted = convert_network(prepared)
-        replace_network(pl_module, network_path(pl_module, prepared), converted)
-
     def _measures_model_to_convert(self, stage: dict | None) -> bool:
-        """Whether a validation during fit, with the network at ``stage``, measured what will become int8."""
         return stage is not None and not stage["converted"]  # the fake-quant network
 
-    def _stage(self, pl_module: pl.LightningModule) -> dict | None:
-        return quantization_stage(find_network(pl_module, self.network_attribute))
 
-    def _log_pre_int8_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = self._stage(pl_module)
-        if trainer.state.fn != TrainerFn.FITTING and stage and stage["converted"] and \
-                self.pre_int8_metric is not None:
-            pl_module.log(f"quant/{self.pre_int8_label}_{self.monitor}", self.pre_int8_metric)
-
-
-class PostTrainingQuantization(QuantizationAwareTraining):
+class PostTrainingQuantization(QuantizationCallback):
     """Post-training int8: when ``fit`` ends, observe ``calibration_batches`` training batches (eval mode, no
     gradients) and convert, without any quantization-aware training.
 
@@ -228,12 +238,8 @@ class PostTrainingQuantization(QuantizationAwareTraining):
                  monitor: str = "val_miou", network_attribute: str | None = None) -> None:
         if calibration_batches <= 0:
             raise ValueError(f"calibration_batches must be positive, got {calibration_batches}.")
-        super().__init__(backend=backend, engine=engine, keep_float=keep_float, per_channel=per_channel,
-                         input_size=input_size, monitor=monitor, network_attribute=network_attribute)
+        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute)
         self.calibration_batches = calibration_batches
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        return  # nothing happens during training
 
     def _measures_model_to_convert(self, stage: dict | None) -> bool:
         return stage is None  # the float network, calibrated and converted at fit end
@@ -246,6 +252,6 @@ class PostTrainingQuantization(QuantizationAwareTraining):
                 trainer.fit_loop.setup_data()
                 loader = trainer.train_dataloader
             images = (split_batch(batch)[0] for batch in loader)
-            used = calibrate(find_network(pl_module, self.network_attribute), images, self.calibration_batches)
+            used = calibrate(self.network(pl_module), images, self.calibration_batches)
             rank_zero_info(f"PostTrainingQuantization: calibrated on {used} batches.")
         super().convert(trainer, pl_module)

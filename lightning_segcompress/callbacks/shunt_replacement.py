@@ -1,39 +1,31 @@
-"""ShuntReplacement: replace a run of MobileNetV3 blocks with a small shunt, trained by distillation."""
+"""ShuntReplacement: replace a run of MobileNetV3 blocks with a small shunt, a producer of the compression protocol."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from lightning_segcompress.callbacks._plumbing import (
-    announce_compression,
+from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
+from lightning_segcompress.callbacks._ddp import (
     average_gradients,
     broadcast_from_rank_zero,
-    checked_input_size,
-    install_checkpoint_restore,
-    rebuild_optimizers,
-    remove_checkpoint_restore,
-    rewrap_ddp,
-    run_dir,
     set_ddp_gradient_sync,
-    validation_miou,
+)
+from lightning_segcompress.callbacks._training import install_loss_term, remove_loss_term
+from lightning_segcompress.callbacks._validation import validation_miou
+from lightning_segcompress.callbacks.protocol import (
+    CompressionCallback,
+    CompressionEvent,
+    run_compression_step,
 )
 from lightning_segcompress.compression_state import write_to_checkpoint
-from lightning_segcompress.distillation import (
-    Distiller,
-    normalise_losses,
-    restore_snapshot,
-    snapshot,
-    snapshot_state,
-)
-from lightning_segcompress.models.segmentation_module import split_batch
 from lightning_segcompress.shunt import (
     VARIANTS,
     Block,
@@ -50,36 +42,40 @@ from lightning_segcompress.shunt import (
     shunt_stage,
     splice,
 )
-from lightning_segcompress.shunt.surgery import modules_before
-from lightning_segcompress.utils.inspection import (
-    count_macs,
-    count_params,
-    example_input,
-    find_network,
-)
+from lightning_segcompress.shunt.surgery import STAGE_KIND, modules_before, restored_on_failure
+from lightning_segcompress.utils.inspection import count_macs, count_params, example_input
+from lightning_segcompress.utils.shapes import checked_input_size
 
 RESOURCES = ("params", "macs")
+KD_LINE = ('KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression", '
+           'losses={"ace": {"kappa": 0.3}})')
 
 
-class ShuntReplacement(Callback):
+class ShuntReplacement(CompressionCallback):
     """Replace a run of MobileNetV3 blocks with one small shunt block (after Haas et al. 2021) within one fit.
 
     At fit start the backbone's block map is built (shapes, strides, dilations, which block outputs the decoder
     reads) and the range is chosen: given, or (``blocks="auto"``) the contiguous range with the lowest total
-    knowledge quotient (KQ = 1 - mIoU without the block / mIoU, measured per residual block on ``kq_batches``
+    knowledge quotient (KQ = 1 - mIoU without the block / mIoU, measured per residual block on ``eval_batches``
     validation batches) that meets ``target``.
 
     Stage A (the first ``stage_a_epochs`` epochs, or ``stage_a_steps`` optimizer steps): the network is frozen
     (eval mode, no gradients) and only the shunt trains, with its own Adam, on the MSE between its output and the
-    range's output; the module's loss is replaced by that MSE, the validation still measures the original.
-    Stage B (the rest of the fit): the shunt is spliced in, everything is unfrozen (except the layers before the
-    shunt with ``freeze_before_shunt``), the optimizers are rebuilt, and the module's loss gets a distillation
-    term from the original network (ACE with kappa 0.3 by default).
+    range's output; the module's loss is replaced by that MSE (logged as ``shunt/stage_a_mse``), the validation
+    still measures the original. Stage B (the rest of the fit): the shunt is spliced in, everything is unfrozen
+    (except the layers before the shunt with ``freeze_before_shunt``), the optimizers are rebuilt, and the module's
+    own loss trains the whole network.
+
+    The splice is a step of the compression protocol (kind ``"shunt"``): every :class:`CompressionCallback` of the
+    fit hears of it before (network still unspliced) and after. Stage-B distillation from the original network
+    (the publication's recipe: ACE, kappa 0.3) is therefore :class:`KnowledgeDistillation` listed next to this
+    callback with ``teacher="snapshot", snapshot_at="before_compression"``: it takes the unspliced network as its
+    teacher at the splice (see the example).
 
     Checkpoints store the replaced blocks and the shunt's configuration as plain data: a resumed fit,
     ``load_from_checkpoint`` and :func:`lightning_segcompress.load_compressed` splice the shunt again before the
     weights load. A report (block map, KQ, chosen range, sizes, mIoU before and after stage A) is written to
-    ``<log dir>/shunt/shunt_report.md``.
+    ``<output_dir>/shunt_report.md``.
 
     Args:
         blocks: ``"auto"`` or ``[first, last]`` (block indices from the block map, or block module names).
@@ -93,20 +89,23 @@ class ShuntReplacement(Callback):
         stage_a_steps: or optimizer steps (overrides ``stage_a_epochs``).
         shunt_lr: Adam learning rate of stage A.
         freeze_before_shunt: in stage B keep everything that runs before the shunt frozen.
-        distillation: stage-B distillation losses from the original network, as for
-            :class:`KnowledgeDistillation` (``{"ace": {"kappa": 0.3}}``, ``{"pixel_kl": 1.0}``, ...); ``True`` for
-            ACE with kappa 0.3, ``False`` for none.
-        alpha: factor on the module's own loss in stage B.
-        kq_batches: validation batches for the knowledge quotients and the mIoU before/after stage A.
-        ignore_index: label ignored by the mIoU and ACE.
+        eval_batches: validation batches (labels needed) for the knowledge quotients and the mIoU before/after
+            stage A; ``None``: all.
+        ignore_index: label ignored by the mIoU.
         input_size: ``[H, W]`` of the example used for the block map, MACs and shape checks.
-        report_dir: where the report goes (default ``<log dir>/shunt``).
+        output_dir: where the report goes (default ``<log dir>/shunt``).
         network_attribute: attribute path of the network in the LightningModule (default: found).
+        distillation, alpha: removed (a ValueError says what to use): stage-B distillation is
+            ``KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression",
+            losses={"ace": {"kappa": 0.3}}, alpha=...)`` next to this callback.
+        kq_batches, report_dir: deprecated spellings of ``eval_batches`` and ``output_dir``.
 
     Example::
 
         trainer = Trainer(max_epochs=12, callbacks=[
             ShuntReplacement(blocks="auto", target={"params": 0.25}, stage_a_epochs=3),
+            KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression",
+                                  losses={"ace": {"kappa": 0.3}}),
             DeviceBenchmark(runtimes=["torchscript_lite", "executorch"])])
     """
 
@@ -120,14 +119,19 @@ class ShuntReplacement(Callback):
         stage_a_steps: int | None = None,
         shunt_lr: float = 1e-3,
         freeze_before_shunt: bool = False,
-        distillation: bool | dict[str, Any] = True,
-        alpha: float = 1.0,
-        kq_batches: int = 8,
+        eval_batches: int | None = 8,
         ignore_index: int = 255,
         input_size: list[int] | None = None,
-        report_dir: str | None = None,
+        output_dir: str | None = None,
         network_attribute: str | None = None,
+        distillation: bool | dict[str, Any] | None = None,
+        alpha: float | None = None,
+        kq_batches: int | None = None,
+        report_dir: str | None = None,
     ) -> None:
+        _refuse_built_in_distillation(distillation, alpha)
+        eval_batches = self.take_renamed("kq_batches", "eval_batches", kq_batches, eval_batches, 8)
+        output_dir = self.take_renamed("report_dir", "output_dir", report_dir, output_dir, None)
         if blocks != "auto" and not (isinstance(blocks, Sequence) and not isinstance(blocks, str)
                                      and len(blocks) == 2):
             raise ValueError(f"blocks is 'auto' or [first, last] (indices or names), got {blocks!r}.")
@@ -141,11 +145,10 @@ class ShuntReplacement(Callback):
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}.")
         if stage_a_epochs < 0 or (stage_a_steps is not None and stage_a_steps < 0):
             raise ValueError("stage_a_epochs and stage_a_steps must be >= 0.")
-        if shunt_lr <= 0 or alpha < 0 or kq_batches <= 0:
-            raise ValueError("shunt_lr and kq_batches must be positive and alpha >= 0.")
-        if distillation is True:
-            distillation = {"ace": {}}
-        self.losses = normalise_losses(distillation) if distillation else {}
+        if shunt_lr <= 0:
+            raise ValueError(f"shunt_lr must be positive, got {shunt_lr}.")
+        if eval_batches is not None and eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 (or None for all), got {eval_batches}.")
         self.blocks = blocks if blocks == "auto" else list(blocks)
         self.target = dict(target) if target else None
         self.variant = variant
@@ -154,11 +157,10 @@ class ShuntReplacement(Callback):
         self.stage_a_steps = stage_a_steps
         self.shunt_lr = shunt_lr
         self.freeze_before_shunt = freeze_before_shunt
-        self.alpha = alpha
-        self.kq_batches = kq_batches
+        self.eval_batches = eval_batches
         self.ignore_index = ignore_index
         self.input_size = checked_input_size(input_size)
-        self.report_dir = report_dir
+        self.output_dir = output_dir
         self.network_attribute = network_attribute
 
         self.phase = "A"  # "A": training the shunt, "B": spliced
@@ -168,8 +170,6 @@ class ShuntReplacement(Callback):
         self.scores: dict[str, float] = {}  # original / after stage A mIoU on the evaluation batches
         self.shunt: Shunt | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.distiller: Distiller | None = None
-        self._template: nn.Module | None = None
         self._pending: dict[str, Any] = {}
         self._capture: dict[str, torch.Tensor] = {}
         self._handles: list = []
@@ -178,10 +178,6 @@ class ShuntReplacement(Callback):
         self._evaluate = None  # mIoU on the evaluation batches
         self.started: dict[str, int] | None = None  # epoch and step at which stage A began
         self._evaluated_batches = 0
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(blocks=str(self.blocks), variant=self.variant)
 
     # ---- set-up ----------------------------------------------------------------------------------------------
 
@@ -192,12 +188,10 @@ class ShuntReplacement(Callback):
         if not pl_module.automatic_optimization:
             raise ShuntError(f"{type(pl_module).__name__} uses manual optimization; ShuntReplacement replaces the "
                              "training loss in stage A and needs automatic optimization.")
-        network = find_network(pl_module, self.network_attribute)
+        network = self.network(pl_module)
         if shunt_stage(network) is None:
             self._check_network(network)
-        if self.losses:
-            self._template = snapshot(network)  # the network as built, to rebuild a resumed teacher
-        self._wrap_training_step(pl_module)
+        install_loss_term(pl_module, self.state_key, self._stage_a_term, first=True)
 
     def _check_network(self, network: nn.Module) -> None:
         """Block map and (for a given range) the plan: unsupported backbones and bad ranges fail at fit start."""
@@ -211,22 +205,15 @@ class ShuntReplacement(Callback):
         remove_checkpoint_restore(pl_module)
         if stage == "fit":
             self._remove_hooks()
-            if self.distiller is not None:
-                self.distiller.detach()
-            pl_module.__dict__.pop("training_step", None)
+            remove_loss_term(pl_module, self.state_key)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        network = find_network(pl_module, self.network_attribute)
+        network = self.network(pl_module)
         if shunt_stage(network) is not None:  # resumed after the splice, or the network came shunted
             self.phase = "B"
-            if "teacher" in self._pending and self._template is not None:
-                self._start_distillation(network, restore_snapshot(self._template, self._pending.pop("teacher")))
-            elif self.losses:
-                rank_zero_info("ShuntReplacement: the network is already shunted and the checkpoint holds no original "
-                               "network to distil from; fine-tuning without distillation.")
             self._apply_freeze_before(network)
             return
-        evaluate, self._evaluated_batches = validation_miou(trainer, network, self.kq_batches, self.ignore_index)
+        evaluate, self._evaluated_batches = validation_miou(trainer, network, self.eval_batches, self.ignore_index)
         if "original_miou" not in self.scores and evaluate is not None:
             self.scores["original_miou"] = evaluate(network)
         if self.plan is None:
@@ -287,7 +274,7 @@ class ShuntReplacement(Callback):
                              batch_idx: int) -> None:
         if self.phase == "A" and self._stage_a_over(trainer):
             self.splice(trainer, pl_module)
-        network = find_network(pl_module, self.network_attribute)
+        network = self.network(pl_module)
         if self.phase == "A":
             network.eval()  # the original is frozen, BN statistics included
             self.shunt.train()
@@ -295,12 +282,17 @@ class ShuntReplacement(Callback):
             for name in self._kept_frozen:
                 network.get_submodule(name).eval()
 
-    def _stage_a_loss(self) -> torch.Tensor:
+    def _stage_a_term(self, loss: torch.Tensor, batch: Any, pl_module: pl.LightningModule) -> torch.Tensor:
+        """The training loss: stage A's MSE in place of the module's loss, the module's loss in stage B."""
+        if self.phase != "A":
+            return loss
         if "input" not in self._capture or "output" not in self._capture:
             raise ShuntError(f"blocks {self.plan.names[0]} .. {self.plan.names[-1]} did not run in training_step, so "
                              "the shunt has nothing to learn from: training_step must call the network.")
         source, target = self._capture.pop("input").detach(), self._capture.pop("output").detach()
-        return F.mse_loss(self.shunt(source), target)
+        mse = F.mse_loss(self.shunt(source), target)
+        pl_module.log("shunt/stage_a_mse", mse.detach(), on_step=True, on_epoch=True)
+        return mse
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.phase != "A" or optimizer is not trainer.optimizers[0]:
@@ -319,36 +311,39 @@ class ShuntReplacement(Callback):
     # ---- the splice and stage B ------------------------------------------------------------------------------
 
     def splice(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Put the shunt in place of the range, unfreeze, start distilling from the original network."""
-        network = find_network(pl_module, self.network_attribute)
+        """Put the shunt in place of the range and unfreeze, announced as a compression step (kind ``"shunt"``);
+        on failure the network is left as it was (unspliced, frozen for stage A)."""
+        network = self.network(pl_module)
         self._remove_hooks()
-        announce_compression(trainer, pl_module, "before")
-        teacher = snapshot(network) if self.losses else None
-        for p in self._frozen:
-            p.requires_grad_(True)
-        try:
-            splice(network, self.plan.names, self.shunt)
-        except Exception:
+        event = CompressionEvent(STAGE_KIND, 1, network, trainer.current_epoch, trainer.global_step)
+        flags = {p: p.requires_grad for p in network.parameters()}
+
+        def apply() -> nn.Module:
             for p in self._frozen:
-                p.requires_grad_(False)
-            raise
+                p.requires_grad_(True)
+            splice(network, self.plan.names, self.shunt)
+            self.shunt.train(network.training)
+            self._apply_freeze_before(network)
+            set_ddp_gradient_sync(trainer, True)
+            return network
+
+        def undo() -> None:  # stage A's frozen network again (the blocks come back with restored_on_failure)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            self._kept_frozen = []
+            set_ddp_gradient_sync(trainer, False)
+
+        with restored_on_failure(network, self.plan.names):  # the blocks and the recorded stages
+            run_compression_step(trainer, pl_module, event, apply, undo)
         self._frozen = []
         self.phase = "B"
-        self.shunt.train(network.training)
-        if self._evaluate is not None:
-            self.scores["stage_a_miou"] = self._evaluate(network)
-        self._apply_freeze_before(network)
-        announce_compression(trainer, pl_module, "after")
-        rebuild_optimizers(trainer)
-        set_ddp_gradient_sync(trainer, True)
-        rewrap_ddp(trainer)
-        if teacher is not None:
-            self._start_distillation(network, teacher)
         self.shunt, self.optimizer = None, None
         rank_zero_info(f"ShuntReplacement: spliced a shunt in place of {self.plan.describe()} at epoch "
                        f"{trainer.current_epoch}; params removed {self.plan.params_removed:,}, MACs removed "
                        f"{self.plan.macs_removed:,}.")
         if trainer.is_global_zero:
+            if self._evaluate is not None:
+                self.scores["stage_a_miou"] = self._evaluate(network)
             self.write_report(trainer, network)
 
     def _apply_freeze_before(self, network: nn.Module) -> None:
@@ -361,38 +356,10 @@ class ShuntReplacement(Callback):
             for p in network.get_submodule(name).parameters(recurse=False):
                 p.requires_grad_(False)
 
-    def _start_distillation(self, network: nn.Module, teacher: nn.Module) -> None:
-        device = next(network.parameters()).device
-        self.distiller = Distiller(network, teacher.to(device), self.losses, ignore_index=self.ignore_index)
-        self.distiller.attach()
-
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
-        original = pl_module.training_step
-
-        def training_step(*args, **kwargs):
-            output = original(*args, **kwargs)
-            if output is None:
-                return output
-            if self.phase == "A":
-                loss = self._stage_a_loss()
-                pl_module.log("shunt/stage_a_mse", loss.detach(), on_step=True, on_epoch=True)
-            elif self.distiller is not None:
-                batch = args[0] if args else kwargs.get("batch")
-                labels = split_batch(batch)[1] if batch is not None else None
-                distillation, terms = self.distiller.compute(labels)
-                for name, value in terms.items():
-                    pl_module.log(f"shunt/kd_{name}", value.detach(), on_step=True, on_epoch=True)
-                loss = self.alpha * _loss_of(output, pl_module) + distillation
-            else:
-                return output
-            return {**output, "loss": loss} if isinstance(output, Mapping) else loss
-
-        pl_module.training_step = training_step
-
     # ---- report and checkpoints ------------------------------------------------------------------------------
 
     def write_report(self, trainer: pl.Trainer, network: nn.Module) -> None:
-        folder = run_dir(trainer, "shunt", self.report_dir)
+        folder = self.run_dir(trainer, "shunt")
         folder.mkdir(parents=True, exist_ok=True)
         plan = self.plan
         lines = ["# Shunt replacement", "",
@@ -413,7 +380,7 @@ class ShuntReplacement(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
 
-    def state_dict(self) -> dict[str, Any]:
+    def progress_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"phase": self.phase, "started": self.started, "scores": dict(self.scores),
                                  "quotients": self.quotients,
                                  "block_map": [b.as_dict() for b in self.block_map]}
@@ -422,27 +389,37 @@ class ShuntReplacement(Callback):
         if self.shunt is not None:
             state["shunt"] = self.shunt.state_dict()
             state["shunt_optimizer"] = self.optimizer.state_dict()
-        if self.distiller is not None:
-            state["teacher"] = snapshot_state(self.distiller.teacher)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.phase = state_dict.get("phase", "A")
-        self.started = state_dict.get("started")
-        self.scores = dict(state_dict.get("scores", {}))
-        self.quotients = state_dict.get("quotients")
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.phase = state.get("phase", "A")
+        self.started = state.get("started")
+        self.scores = dict(state.get("scores", {}))
+        self.quotients = state.get("quotients")
         self.block_map = [Block(**{**b, "in_shape": tuple(b["in_shape"]), "out_shape": tuple(b["out_shape"])})
-                          for b in state_dict.get("block_map", [])]
-        if "plan" in state_dict and self.block_map:
-            names = state_dict["plan"]
+                          for b in state.get("block_map", [])]
+        if "plan" in state and self.block_map:
+            names = state["plan"]
             self.plan = plan_shunt(resolve_range(self.block_map, names[0], names[-1]), self.variant, self.widths)
-        self._pending = {k: state_dict[k] for k in ("shunt", "shunt_optimizer", "teacher") if k in state_dict}
+        self._pending = {k: state[k] for k in ("shunt", "shunt_optimizer") if k in state}
 
 
-def _loss_of(output: Any, pl_module: pl.LightningModule) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and "loss" in output:
-        return output["loss"]
-    raise TypeError(f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; ShuntReplacement "
-                    "needs a loss tensor or a dict with 'loss'.")
+def _refuse_built_in_distillation(distillation: Any, alpha: Any) -> None:
+    """``distillation=`` / ``alpha=`` were removed: distillation is :class:`KnowledgeDistillation`'s job."""
+    if distillation is None and alpha is None:
+        return
+    given = ", ".join(f"{name}={value!r}" for name, value in (("distillation", distillation), ("alpha", alpha))
+                      if value is not None)
+    if distillation is False and alpha is None:
+        fix = "drop the argument: without KnowledgeDistillation next to it, stage B uses the module's own loss only"
+    else:
+        losses = json.dumps(dict(distillation) if isinstance(distillation, Mapping) else {"ace": {"kappa": 0.3}})
+        kd = f'teacher="snapshot", snapshot_at="before_compression", losses={losses}'
+        yaml = f"teacher: snapshot, snapshot_at: before_compression, losses: {losses}"
+        if alpha is not None:
+            kd, yaml = f"{kd}, alpha={alpha!r}", f"{yaml}, alpha: {alpha!r}"
+        fix = (f"remove {'them' if distillation is not None and alpha is not None else 'it'} and add "
+               f"KnowledgeDistillation({kd}) next to ShuntReplacement in the trainer's callbacks "
+               f"(YAML: class_path: lightning_segcompress.callbacks.KnowledgeDistillation, init_args: {{{yaml}}}); "
+               "it distils from the network as it was right before the splice")
+    raise ValueError(f"ShuntReplacement({given}): stage-B distillation moved out of ShuntReplacement; {fix}.")

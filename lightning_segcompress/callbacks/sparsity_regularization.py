@@ -6,11 +6,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from lightning_segcompress.callbacks._plumbing import checked_input_size
+from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
 from lightning_segcompress.sparsity import (
     METHODS,
     SparsityError,
@@ -22,12 +20,13 @@ from lightning_segcompress.sparsity import (
     pooled_features,
     strengths_from_features,
 )
-from lightning_segcompress.utils.inspection import example_input, find_network, match_module_names
+from lightning_segcompress.utils.inspection import example_input, select_modules
+from lightning_segcompress.utils.shapes import checked_input_size
 
 FEATURE_METHODS = ("acsl", "cap")
 
 
-class SparsityRegularization(Callback):
+class SparsityRegularization(CompressionCallback):
     """Add an L1 penalty on BatchNorm scales (gamma) to the gradients, so that a following
     ``StructuredPruning(importance="bn_scale")`` removes the channels the penalty drove to zero.
 
@@ -52,7 +51,8 @@ class SparsityRegularization(Callback):
         method: ``"slimming"``, ``"acsl"``, ``"cap"`` or ``"budget"``.
         strength: mean L1 strength per channel (REFERENCE: 1e-4 for VGG-like, 1e-5 for ResNets).
         start_epoch: first epoch with the penalty.
-        end_epoch: first epoch without it (None: until the fit ends), e.g. the pruning epoch.
+        end_epoch: first epoch without it (None: until the fit ends), e.g. the pruning epoch; as everywhere in
+            this package, ``end_epoch`` is excluded.
         update_every: training steps between two affinity measurements (``acsl``/``cap``).
         affinity_size: BN outputs are pooled to at most this many pixels per side before affinities.
         budget_resource: ``"macs"`` or ``"params"`` for ``budget``.
@@ -110,10 +110,6 @@ class SparsityRegularization(Callback):
         self._handles: list = []
         self._capture = False
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, strength=self.strength)
-
     # ---- set-up ----------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -124,12 +120,8 @@ class SparsityRegularization(Callback):
         self._find_layers(pl_module)  # a resumed checkpoint may have restored a pruned network since setup
 
     def _find_layers(self, pl_module: pl.LightningModule) -> None:
-        network = find_network(pl_module, self.network_attribute)
-        matches = match_module_names(network, self.ignored_patterns)
-        unmatched = [pattern for pattern, names in matches.items() if not names]
-        if unmatched:
-            raise SparsityError(f"ignored_layers {unmatched} match no layer of {type(network).__name__}.")
-        ignored = {name for names in matches.values() for name in names}
+        network = self.network(pl_module)
+        ignored = set(select_modules(network, self.ignored_patterns, "ignored_layers", SparsityError))
         self._remove_hooks()
         self._layers = batchnorm_layers(network, ignored)
         stale = [n for n, s in self.strengths.items()
@@ -160,7 +152,8 @@ class SparsityRegularization(Callback):
         self._remove_hooks()
         self._features.clear()
 
-    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             event: CompressionEvent) -> None:
         self._find_layers(pl_module)  # pruning replaced BN parameters and changed their sizes
 
     # ---- per step --------------------------------------------------------------------------------------------
@@ -189,10 +182,8 @@ class SparsityRegularization(Callback):
             return
         values = [strengths_from_features(self.method, self.strength, self._features.pop(n)) for n in names]
         flat = torch.cat(values)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            flat = flat.to(trainer.strategy.root_device)
-            dist.all_reduce(flat)  # every rank applies the same penalty, so the ranks' weights stay identical
-            flat = flat.cpu() / trainer.world_size
+        if trainer.world_size > 1:  # every rank applies the same penalty, so the ranks' weights stay identical
+            flat = trainer.strategy.reduce(flat.to(trainer.strategy.root_device), reduce_op="mean").cpu()
         for name, chunk in zip(names, flat.split([v.numel() for v in values])):
             self.strengths[name] = chunk.clone()
 
@@ -201,11 +192,11 @@ class SparsityRegularization(Callback):
         pl_module.log("sparsity/gamma_below_eps", stats["below_eps"])
         pl_module.log("sparsity/gamma_mean_abs", stats["mean_abs"])
 
-    def state_dict(self) -> dict[str, Any]:
+    def progress_state(self) -> dict[str, Any]:
         return {"strengths": {name: s.tolist() for name, s in self.strengths.items()}}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        restored = {name: torch.tensor(s) for name, s in state_dict.get("strengths", {}).items()}
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        restored = {name: torch.tensor(s) for name, s in state.get("strengths", {}).items()}
         self.strengths.update({n: s for n, s in restored.items() if n in self._layers
                                and s.numel() == _channels(self._layers[n])})
 

@@ -7,7 +7,6 @@ on the same image without gradients; the configured losses compare the two. Pure
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,7 +64,9 @@ class Distiller:
     """Computes ``sum(weight * loss)`` between the latest student forward and the teacher on the same input.
 
     Args:
-        student, teacher: the networks (logits as a tensor, a dict with ``"out"`` or a tuple).
+        student, teacher: the networks (logits as a tensor, a dict with ``"out"`` or a tuple). ``teacher`` may be
+            None until :meth:`set_teacher` (a snapshot of the student to come): checks then use the student's own
+            layers in its place.
         losses: ``{name: weight or options}`` with names from ``LOSSES`` (``pixel_kl``, ``cwd``, ``pairwise``,
             ``ace``); ``pairwise`` compares ``student_layer`` / ``teacher_layer`` (default: the input of the
             classifier, given as ``default_feature_layers``).
@@ -75,14 +76,14 @@ class Distiller:
         teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, losses: Mapping[str, Any],
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: Mapping[str, Any],
                  hints: Sequence[Mapping[str, Any]] = (), ignore_index: int = 255, teacher_autocast: bool = False,
                  default_feature_layers: tuple[str, str] | None = None):
         self.losses = normalise_losses(losses) if losses or not hints else {}
         self.hints = [normalise_hint(h) for h in hints]
         self.ignore_index = ignore_index
         self.teacher_autocast = teacher_autocast
-        self.student, self.teacher = student, freeze(teacher)
+        self.student, self.teacher = student, None if teacher is None else freeze(teacher)
         student_layers = {f"hint{i}": h["student"] for i, h in enumerate(self.hints)}
         teacher_layers = {f"hint{i}": h["teacher"] for i, h in enumerate(self.hints)}
         if "pairwise" in self.losses:
@@ -94,61 +95,73 @@ class Distiller:
                 raise DistillationError("pairwise needs student_layer and teacher_layer (feature maps to compare).")
         self._student_layers, self._teacher_layers = student_layers, teacher_layers
         self.student_capture = ForwardCapture(student, student_layers, "student")
-        self.teacher_capture = ForwardCapture(self.teacher, teacher_layers, "teacher")
+        self.teacher_capture = None if teacher is None else ForwardCapture(self.teacher, teacher_layers, "teacher")
         self.connectors = nn.ModuleDict()
+        self._attached = False
 
     # ---- set-up ---------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
         self.student_capture.attach()
-        self.teacher_capture.attach()
+        if self.teacher_capture is not None:
+            self.teacher_capture.attach()
+        self._attached = True
 
     def detach(self) -> None:
         self.student_capture.detach()
-        self.teacher_capture.detach()
         self.student_capture.clear()
-        self.teacher_capture.clear()
+        if self.teacher_capture is not None:
+            self.teacher_capture.detach()
+            self.teacher_capture.clear()
+        self._attached = False
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """Distil from ``teacher`` from now on (e.g. a snapshot taken right before pruning)."""
-        attached = bool(self.teacher_capture._handles)
-        self.teacher_capture.detach()
+        if self.teacher_capture is not None:
+            self.teacher_capture.detach()
         self.teacher = freeze(teacher)
         self.teacher_capture = ForwardCapture(self.teacher, self._teacher_layers, "teacher")
-        if attached:
+        if self._attached:
             self.teacher_capture.attach()
 
     def set_student(self, student: nn.Module) -> None:
         """Capture from ``student`` from now on (the network was replaced, e.g. traced for quantization)."""
-        attached = bool(self.student_capture._handles)
         self.student_capture.detach()
         self.student_capture.clear()
         self.student = student
         self.student_capture = ForwardCapture(student, self._student_layers, "student")
-        if attached:
+        if self._attached:
             self.student_capture.attach()
 
     def check(self, example: torch.Tensor) -> None:
         """Run both networks on ``example``: class counts must agree for the logit losses, every hinted layer
-        must produce a ``B x C x H x W`` map; builds (or rebuilds, after the student was pruned) connectors."""
+        must produce a ``B x C x H x W`` map; builds (or rebuilds, after the student was pruned) connectors. Without
+        a teacher yet, the student's own layers stand in for the snapshot to come."""
+        stand_in = None
+        if self.teacher is None:
+            stand_in = ForwardCapture(self.student, self._teacher_layers, "teacher").attach()
+        teacher_capture = stand_in or self.teacher_capture
         was_training = self.student.training
         self.student.eval()
         try:
             with torch.no_grad():
                 self.student(example)
-                self._run_teacher(example)
+                if stand_in is None:
+                    self._run_teacher(example)
         finally:
             self.student.train(was_training)
+            if stand_in is not None:
+                stand_in.detach()
         student_out = extract_logits(self.student_capture.output)
-        teacher_out = extract_logits(self.teacher_capture.output)
+        teacher_out = extract_logits(teacher_capture.output)
         if set(self.losses) & set(LOGIT_LOSSES) and student_out.shape[1] != teacher_out.shape[1]:
             raise DistillationError(
                 f"the student predicts {student_out.shape[1]} classes and the teacher {teacher_out.shape[1]}: "
                 f"{sorted(set(self.losses) & set(LOGIT_LOSSES))} compare class scores, so both must have the same "
                 "classes (check the teacher's num_classes), or use only hints / pairwise.")
         for key in self.student_capture.layers:
-            s, t = self.student_capture.features.get(key), self.teacher_capture.features.get(key)
-            names = (self.student_capture.layers[key][0], self.teacher_capture.layers[key][0])
+            s, t = self.student_capture.features.get(key), teacher_capture.features.get(key)
+            names = (self.student_capture.layers[key][0], teacher_capture.layers[key][0])
             if s is None or t is None:
                 raise DistillationError(f"layer {names[0] if s is None else names[1]!r} did not run in the forward "
                                         "pass, so it has no features to distil; pick a layer that runs.")
@@ -158,7 +171,7 @@ class Distiller:
             if key.startswith("hint"):
                 self._fit_connector(key, s.shape[1], t.shape[1], example.device)
         self.student_capture.clear()
-        self.teacher_capture.clear()
+        teacher_capture.clear()
 
     def _fit_connector(self, key: str, student_channels: int, teacher_channels: int, device) -> None:
         wanted = None if student_channels == teacher_channels else (student_channels, teacher_channels)
@@ -179,6 +192,8 @@ class Distiller:
     def compute(self, target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, {loss name: unweighted value})`` for the student's latest forward."""
         capture = self.student_capture
+        if self.teacher is None:
+            raise RuntimeError("no teacher yet: set_teacher() before computing the distillation loss.")
         if capture.output is None or capture.inputs is None:
             raise RuntimeError("the student network did not run since the last distillation step: call the "
                                "network (inside training_step) before asking for the distillation loss.")
@@ -235,8 +250,8 @@ def snapshot_state(teacher: nn.Module) -> dict:
 
 
 def restore_snapshot(template: nn.Module, state: dict) -> nn.Module:
-    """The frozen teacher saved by :func:`snapshot_state`, rebuilt from ``template`` (a copy of the network as
-    it was built, before any compression)."""
-    teacher = apply_stages(copy.deepcopy(template), state["stages"])
+    """The frozen teacher saved by :func:`snapshot_state`, rebuilt on ``template`` (a copy of the network as it was
+    built, before any compression; it becomes the teacher, so pass a copy you no longer need)."""
+    teacher = apply_stages(template, state["stages"])
     teacher.load_state_dict(state["state_dict"])
     return freeze(teacher)

@@ -18,6 +18,7 @@ from lightning_segcompress.compression_state import (
     write_to_checkpoint,
 )
 from lightning_segcompress.models.factory import build_network
+from lightning_segcompress.utils.batch import split_batch
 from lightning_segcompress.utils.inspection import extract_logits
 
 DEFAULT_NETWORK: dict[str, Any] = {
@@ -171,16 +172,6 @@ class SegmentationModule(pl.LightningModule):
         power = hp.poly_power
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total) ** power)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(images, masks)`` from an ``(image, mask)`` tuple or an ``{"image", "mask"}`` dict."""
-    if isinstance(batch, Mapping):
-        return batch["image"], batch.get("mask")
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    images, masks = batch[0], batch[1] if len(batch) > 1 else None
-    return images, masks
 
 
 def _resize_to(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Validation-guided post-pruning (after Wei Liu 2021, REFERENCE §5; reduced-error pruning of decision trees):
-after a pruning step, measure what each pruned group costs on its own and undo the ones that cost too much."""
+before a pruning step is applied, measure what each planned group costs on its own and keep back the ones that
+cost too much."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_segcompress.pruning.graph import History, PruningError, _restore, _snapshot, atomic, replay_history
-from lightning_segcompress.pruning.state import prune_with_history, pruning_history
-from lightning_segcompress.utils.inspection import copy_without_hooks
+from lightning_segcompress.pruning.graph import History, PruningError, _restore, _snapshot, replay_history
 
 Evaluator = Callable[[nn.Module], float]
 
@@ -38,34 +37,25 @@ class PostPruningResult:
         return [g for g in self.groups if g.undone]
 
 
-def group_costs(before: nn.Module, step: History, evaluate: Evaluator, example: torch.Tensor,
-                tolerance: float) -> PostPruningResult:
-    """Score ``before`` (the network as it was before the step), then each entry of ``step`` applied alone to a
-    copy of it. An entry whose removal costs more than ``tolerance`` points (``100 * score drop``) is marked
-    undone. ``before`` is not changed."""
-    if tolerance < 0:
-        raise PruningError(f"tolerance must be >= 0 (mIoU points a group may cost), got {tolerance}.")
-    result = PostPruningResult(baseline=evaluate(before))
+def group_costs(network: nn.Module, step: History, evaluate: Evaluator, example: torch.Tensor,
+                max_miou_drop: float) -> PostPruningResult:
+    """Score ``network`` (as it is before the step), then each entry of ``step`` applied alone to it. An entry whose
+    removal costs more than ``max_miou_drop`` points (``100 * score drop``) is kept back (``undone``).
+
+    Each entry is tried on ``network`` itself and rolled back right after, so no copy of the network is made and
+    ``network`` ends exactly as it was (the same parameter objects, so optimizers stay valid)."""
+    if max_miou_drop < 0:
+        raise PruningError(f"max_miou_drop must be >= 0 (mIoU points a group may cost), got {max_miou_drop}.")
+    result = PostPruningResult(baseline=evaluate(network))
     for entry in step:
-        trial = copy_without_hooks(before)
-        replay_history(trial, [entry], example)
-        cost = (result.baseline - evaluate(trial)) * 100
-        undone = cost > tolerance
+        restore_point = _snapshot(network)
+        try:
+            replay_history(network, [entry], example)
+            cost = (result.baseline - evaluate(network)) * 100
+        finally:
+            _restore(network, restore_point)
+        undone = cost > max_miou_drop
         result.groups.append(GroupCost(layer=entry[0], channels=len(entry[2]), cost=cost, undone=undone))
         if not undone:
             result.kept.append(entry)
     return result
-
-
-def take_back(network: nn.Module, snapshot: dict, kept: History, example: torch.Tensor) -> None:
-    """Put ``network`` back to ``snapshot`` (taken with :func:`snapshot_network` before the step) and apply only
-    the ``kept`` entries of the step, recording them in its compression state. Atomic."""
-    with atomic(network):
-        _restore(network, snapshot)
-        prune_with_history(network, kept, example)
-
-
-def snapshot_network(network: nn.Module) -> tuple[dict, nn.Module, History]:
-    """What post-pruning needs from right before a step: an in-place restore point, a copy to try groups on,
-    and the pruning history so far."""
-    return _snapshot(network), copy_without_hooks(network), pruning_history(network)

@@ -9,10 +9,11 @@ SCHEDULES = ("one_shot", "linear", "agp")
 
 @dataclass(frozen=True)
 class PruningSchedule:
-    """``steps`` pruning steps at epochs spread evenly from ``start_epoch`` to ``end_epoch`` (inclusive),
-    training in between. Step ``k`` (1-based) brings the removed fraction to
-    ``amount * k / steps`` (linear) or ``amount * (1 - (1 - k / steps) ** 3)`` (agp: big cuts early, while the
-    network has redundancy, small ones late). ``one_shot`` is one step at ``start_epoch``."""
+    """``steps`` pruning steps at epochs spread evenly from ``start_epoch`` to ``end_epoch - 1`` (``end_epoch`` is
+    the first epoch without a step, as for every epoch range in this package), training in between. Step ``k``
+    (1-based) brings the removed fraction to ``amount * k / steps`` (linear) or
+    ``amount * (1 - (1 - k / steps) ** 3)`` (agp: big cuts early, while the network has redundancy, small ones
+    late). ``one_shot`` is one step at ``start_epoch``."""
 
     kind: str
     amount: float
@@ -28,7 +29,7 @@ class PruningSchedule:
         if self.start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}.")
         if self.kind == "one_shot":
-            if self.steps != 1 or (self.end_epoch is not None and self.end_epoch != self.start_epoch):
+            if self.steps != 1 or (self.end_epoch is not None and self.end_epoch != self.start_epoch + 1):
                 raise ValueError("a one_shot schedule prunes once at start_epoch: leave steps at 1 and end_epoch "
                                  "unset, or use schedule 'linear'/'agp' for several steps.")
             return
@@ -36,19 +37,22 @@ class PruningSchedule:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
         end = self.last_epoch
         if end < self.start_epoch:
-            raise ValueError(f"end_epoch ({end}) must be >= start_epoch ({self.start_epoch}).")
+            raise ValueError(f"end_epoch ({self.end_epoch}, the first epoch without a step) must be > start_epoch "
+                             f"({self.start_epoch}).")
         if end - self.start_epoch + 1 < self.steps:
             raise ValueError(f"{self.steps} steps need at least {self.steps} epochs, but epochs {self.start_epoch}.."
-                             f"{end} are only {end - self.start_epoch + 1}: lower steps or widen the epoch range.")
+                             f"{end} (end_epoch {self.end_epoch} excluded) are only {end - self.start_epoch + 1}: "
+                             "lower steps or widen the epoch range.")
 
     @property
     def last_epoch(self) -> int:
+        """The epoch of the last step."""
         if self.kind == "one_shot" or self.end_epoch is None:
             return self.start_epoch + self.steps - 1
-        return self.end_epoch
+        return self.end_epoch - 1
 
     def step_epochs(self) -> list[int]:
-        """The epoch of each step, in order (distinct, first = start_epoch, last = end_epoch)."""
+        """The epoch of each step, in order (distinct, first = start_epoch, last = end_epoch - 1)."""
         if self.steps == 1:
             return [self.start_epoch]
         span = self.last_epoch - self.start_epoch

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 from torch import nn
+
+from lightning_segcompress.utils.inspection import select_modules
 
 BACKENDS = ("fx", "pt2e")
 FX_ENGINES = ("x86", "qnnpack")
@@ -56,14 +57,6 @@ class QuantizationConfig:
 
 def resolve_keep_float(network: nn.Module, patterns: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Module names (exact, or regexes matched against the whole name) -> the outermost matching modules."""
-    names = [name for name, _ in network.named_modules() if name]
-    chosen: list[str] = []
-    for pattern in patterns:
-        matches = [n for n in names if n == pattern] or [n for n in names if re.fullmatch(pattern, n)]
-        if not matches:
-            close = [n for n in names if pattern.split(".")[0] in n][:5]
-            raise QuantizationError(f"keep_float entry {pattern!r} matches no module of {type(network).__name__} "
-                                    f"(similar names: {close or names[:5]}).")
-        chosen += matches
+    chosen = select_modules(network, patterns, "keep_float", QuantizationError)
     outermost = [n for n in chosen if not any(n.startswith(other + ".") for other in chosen if other != n)]
     return tuple(dict.fromkeys(outermost))

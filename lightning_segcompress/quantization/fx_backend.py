@@ -81,13 +81,19 @@ def dilated_depthwise_convs(network: nn.Module) -> list[str]:
 
 def convert_fx(prepared: nn.Module, config: QuantizationConfig) -> torch.fx.GraphModule:
     """A CPU int8 copy of the prepared model (``prepared`` itself is unchanged)."""
+    from torch.ao.quantization.fx import utils as fx_utils
     from torch.ao.quantization.quantize_fx import convert_fx as ao_convert_fx
 
     torch.backends.quantized.engine = config.engine
     model = copy.deepcopy(prepared).cpu().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ao_convert_fx(model)
+        converted = ao_convert_fx(model)
+    # torch.ao caches this lookup per module: the cache would keep the prepared copy alive for the whole process
+    cached = getattr(fx_utils.assert_and_get_unique_device, "cache_clear", None)
+    if cached is not None:
+        cached()
+    return converted
 
 
 def freeze_batchnorm_fx(prepared: nn.Module) -> None:

@@ -82,7 +82,7 @@ def plan_shunt(blocks: Sequence[Block], variant: str = "arch1", widths: list[lis
 
 
 @contextlib.contextmanager
-def _restored_on_failure(network: nn.Module, names: Sequence[str]) -> Iterator[None]:
+def restored_on_failure(network: nn.Module, names: Sequence[str]) -> Iterator[None]:
     originals = {name: network.get_submodule(name) for name in names}
     stages = getattr(network, "_segcompress_stages", None)
     try:
@@ -105,7 +105,7 @@ def _set_module(network: nn.Module, name: str, module: nn.Module) -> None:
 def splice(network: nn.Module, names: Sequence[str], shunt: Shunt) -> list[nn.Module]:
     """Put ``shunt`` in place of the first block in ``names`` and identities in place of the rest; record the
     stage. Returns the removed blocks. On failure the network is left as it was."""
-    with _restored_on_failure(network, names):
+    with restored_on_failure(network, names):
         removed = [network.get_submodule(name) for name in names]
         reference = next(removed[0].parameters(), None)
         if reference is not None:

@@ -14,6 +14,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_segcompress.utils.batch import split_batch
+
 # Attribute names under which LightningModules commonly keep their network, in order of preference.
 NETWORK_ATTRIBUTE_CANDIDATES = ("net", "network", "model", "segmenter", "backbone_model")
 
@@ -184,27 +186,12 @@ def example_input(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if reference is not None:
-        image = _image_from_batch(reference)
+        image = split_batch(reference)[0]
         return image[:batch_size].to(device=device, dtype=dtype)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     c = channels or input_channels(network)
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, c, h, w, generator=generator).to(device=device, dtype=dtype)
-
-
-def _image_from_batch(batch: object) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for key in ("image", "images", "input", "x"):
-            if key in batch:
-                return batch[key]
-    if isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(
-        f"Cannot find an image tensor in a batch of type {type(batch).__name__}; expected a tensor, "
-        "an (image, mask) tuple or a dict with an 'image' key."
-    )
 
 
 _WEIGHTED_BACKWARD = ("ConvolutionBackward", "AddmmBackward", "MmBackward", "LinearBackward")
@@ -283,6 +270,20 @@ def match_module_names(network: nn.Module, patterns: Iterable[str]) -> dict[str,
             raise ValueError(f"Layer pattern {pattern!r} is neither a module name nor a valid regex: {err}") from err
         result[pattern] = [name for name in names if regex.fullmatch(name)]
     return result
+
+
+def select_modules(network: nn.Module, patterns: Iterable[str], argument: str,
+                   error: type[Exception] = ValueError) -> list[str]:
+    """The module names ``patterns`` select (exact names, or regexes matched against the full name), without
+    duplicates, in the order of the patterns. Patterns that select nothing raise one ``error`` that names them all,
+    the argument they came from, and example names."""
+    matches = match_module_names(network, patterns)
+    unmatched = [pattern for pattern, names in matches.items() if not names]
+    if unmatched:
+        examples = [name for name, _ in network.named_modules() if name][:8]
+        raise error(f"{argument} {unmatched} match no layer of {type(network).__name__}. Use module names (or "
+                    f"regexes matching them in full), e.g. {examples}.")
+    return list(dict.fromkeys(name for names in matches.values() for name in names))
 
 
 @contextlib.contextmanager

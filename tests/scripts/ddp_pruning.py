@@ -50,7 +50,7 @@ def main() -> None:
     model = SegmentationModule({"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
                                 "init_args": {"encoder_name": "tu-mobilenetv3_small_100"}}, num_classes=4)
     data = SyntheticScenesDataModule(num_classes=4, image_size=(64, 64), num_train=16, num_val=4, batch_size=4)
-    pruning = StructuredPruning(amount=0.4, target="macs", schedule="linear", start_epoch=1, end_epoch=2, steps=2,
+    pruning = StructuredPruning(amount=0.4, target="macs", schedule="linear", start_epoch=1, end_epoch=3, steps=2,
                                 importance=f"{__name__}.RankDependentImportance", round_to=4)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=2,
                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -1,5 +1,5 @@
-"""Two-process CPU DDP (gloo) fit with ShuntReplacement (blocks: auto, one stage-A epoch, then stage B with
-ACE); each rank writes what it ended up with.
+"""Two-process CPU DDP (gloo) fit with ShuntReplacement (blocks: auto, one stage-A epoch, then stage B) and
+KnowledgeDistillation (ACE from the snapshot taken before the splice); each rank writes what it ended up with.
 
     python tests/scripts/ddp_shunt.py OUT_DIR
 
@@ -18,15 +18,15 @@ import torch  # noqa: E402
 from _ddp_helpers import RankSeed, checksum, write_rank_result  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
-from lightning_segcompress.callbacks import ShuntReplacement  # noqa: E402
+from lightning_segcompress.callbacks import KnowledgeDistillation, ShuntReplacement  # noqa: E402
 
 DEEPLAB = {"class_path": "segmentation_models_pytorch.DeepLabV3Plus",
            "init_args": {"encoder_name": "tu-mobilenetv3_small_100"}}
 
 
 class Recorder(pl.Callback):
-    def __init__(self, shunt):
-        self.shunt = shunt
+    def __init__(self, shunt, kd):
+        self.shunt, self.kd = shunt, kd
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.shunt.phase == "A":
@@ -35,8 +35,8 @@ class Recorder(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         write_rank_result(trainer, {
             "phase": self.shunt.phase, "blocks": self.shunt.plan.names, "network": checksum(pl_module.net),
-            "stage_a_shunt": self.stage_a, "teacher": checksum(self.shunt.distiller.teacher),
-            "kd_logged": "shunt/kd_ace_step" in trainer.callback_metrics})
+            "stage_a_shunt": self.stage_a, "teacher": checksum(self.kd.distiller.teacher),
+            "kd_logged": "kd/ace_step" in trainer.callback_metrics})
 
 
 def main() -> None:
@@ -45,11 +45,12 @@ def main() -> None:
     pl.seed_everything(0)
     model = SegmentationModule(DEEPLAB, num_classes=3)
     data = SyntheticScenesDataModule(num_classes=3, image_size=(64, 64), num_train=8, num_val=4, batch_size=2)
-    shunt = ShuntReplacement(blocks="auto", target={"params": 0.1}, stage_a_epochs=1, kq_batches=1)
+    shunt = ShuntReplacement(blocks="auto", target={"params": 0.1}, stage_a_epochs=1, eval_batches=1)
+    kd = KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression", losses={"ace": {"kappa": 0.3}})
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=2,
                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=sys.argv[1],
-                         callbacks=[RankSeed(), shunt, Recorder(shunt)])
+                         callbacks=[RankSeed(), shunt, kd, Recorder(shunt, kd)])
     trainer.fit(model, data)
 
 

@@ -43,9 +43,9 @@ def main() -> None:
     model = SegmentationModule(UNET, num_classes=4)
     data = SyntheticScenesDataModule(num_classes=4, image_size=(64, 64), num_train=16, num_val=8, batch_size=4)
     sparsity = SparsityRegularization(method="acsl", strength=1e-2, update_every=1)
-    post = PostPruning(tolerance=0.0, eval_batches=1)
+    post = PostPruning(max_miou_drop=0.0, eval_batches=1)
     pruning = StructuredPruning(amount=0.4, target="macs", importance="bn_scale", start_epoch=1, round_to=4,
-                                tolerance=0.2)
+                                rel_tolerance=0.2)
     # smp Unet(encoder_depth=3) keeps resnet18 stages its forward never runs
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=2,
                          limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
