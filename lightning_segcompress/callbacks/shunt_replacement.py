@@ -47,8 +47,6 @@ from lightning_segcompress.utils.inspection import count_macs, count_params, exa
 from lightning_segcompress.utils.shapes import checked_input_size
 
 RESOURCES = ("params", "macs")
-KD_LINE = ('KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression", '
-           'losses={"ace": {"kappa": 0.3}})')
 
 
 class ShuntReplacement(CompressionCallback):
