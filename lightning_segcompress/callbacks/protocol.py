@@ -38,7 +38,7 @@ from torch import nn
 
 from lightning_segcompress.callbacks._ddp import rewrap_ddp
 from lightning_segcompress.callbacks._training import rebuild_optimizers
-from lightning_segcompress.utils.inspection import copy_without_hooks, find_network
+from lightning_segcompress.utils.inspection import find_network, frozen_copy
 
 History = list[list]  # structured pruning groups: [[layer name, is out channels, [indices]], ...]
 
@@ -72,10 +72,7 @@ class CompressionEvent:
             if not self._before:
                 raise RuntimeError("event.snapshot() is the network before the step: request it in "
                                    "on_before_compression, not after the step.")
-            copy = copy_without_hooks(self.network).eval()
-            for p in copy.parameters():
-                p.requires_grad_(False)
-            self._snapshot = copy
+            self._snapshot = frozen_copy(self.network)
         return self._snapshot
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_segcompress.compression_state import apply_stages, get_stages
 from lightning_segcompress.distillation.capture import DistillationError, ForwardCapture
 from lightning_segcompress.distillation.losses import DEFAULTS, LOSSES, feature_hint, make_connector
-from lightning_segcompress.utils.inspection import copy_without_hooks, extract_logits
+from lightning_segcompress.utils.inspection import extract_logits, frozen_copy
 
 LOGIT_LOSSES = ("pixel_kl", "cwd", "ace")
 LOSS_NAMES = tuple(LOSSES) + ("hints",)
@@ -241,7 +241,7 @@ def connector_channels(connector: nn.Module) -> tuple[int, int] | None:
 
 def snapshot(network: nn.Module) -> nn.Module:
     """A frozen copy of ``network`` (its compression state included), without the hooks attached to it."""
-    return freeze(copy_without_hooks(network))
+    return frozen_copy(network)
 
 
 def snapshot_state(teacher: nn.Module) -> dict:

@@ -321,6 +321,14 @@ def copy_without_hooks(network: nn.Module) -> nn.Module:
             module._forward_hooks, module._forward_pre_hooks = post, pre
 
 
+def frozen_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` without hooks, in eval mode, with no parameter requiring gradients."""
+    copy = copy_without_hooks(network).eval()
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return copy
+
+
 def forward_with_hooks(network: nn.Module, example: torch.Tensor, handles: list) -> object:
     """One eval-mode, no-gradient forward of ``network`` on ``example`` for the hooks behind ``handles``, which
     are removed afterwards (also when the forward fails). Returns the output."""
