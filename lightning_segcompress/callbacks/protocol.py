@@ -153,8 +153,17 @@ class CompressionCallback(Callback):
         """Take back what :meth:`progress_state` returned."""
 
     def take_renamed(self, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
-        """:func:`renamed_argument` for this callback; the stored hyperparameters keep the value under ``new``."""
-        value = renamed_argument(type(self).__name__, old, new, old_value, new_value, default)
+        """Take a deprecated argument spelling for one release: warn, and use its value unless ``new`` was given.
+        The stored hyperparameters keep the value under ``new``."""
+        owner = type(self).__name__
+        value = new_value
+        if old_value is not None:
+            warnings.warn(f"{owner}({old}=...) is deprecated and will be removed in the next release; use {new}=... "
+                          "instead.", FutureWarning, stacklevel=3)
+            if new_value != default and new_value != old_value:
+                raise ValueError(f"{owner} got both {old}={old_value!r} (deprecated) and {new}={new_value!r}; give "
+                                 f"only {new}.")
+            value = old_value
         args = getattr(self, "_init_args", None)
         if args is not None:
             args.pop(old, None)
@@ -206,12 +215,10 @@ def compression_listeners(trainer: pl.Trainer) -> list[CompressionCallback]:
 
 def announce(trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent, moment: str) -> None:
     """Call every listener's ``on_<moment>_compression(trainer, pl_module, event)``; ``moment`` is ``"before"``
-    or ``"after"``. After the ``"after"`` call the event drops its snapshot."""
+    or ``"after"``."""
     event._before = moment == "before"
     for callback in compression_listeners(trainer):
         getattr(callback, f"on_{moment}_compression")(trainer, pl_module, event)
-    if moment == "after":
-        event._snapshot = None
 
 
 def run_compression_step(trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent,
@@ -250,13 +257,3 @@ def filter_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, event: Compr
         event.plan = list(kept)
     return event.plan
 
-
-def renamed_argument(owner: str, old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
-    """Take a deprecated argument spelling for one release: warn, and use its value unless ``new`` was given."""
-    if old_value is None:
-        return new_value
-    warnings.warn(f"{owner}({old}=...) is deprecated and will be removed in the next release; use {new}=... "
-                  "instead.", FutureWarning, stacklevel=4)
-    if new_value != default and new_value != old_value:
-        raise ValueError(f"{owner} got both {old}={old_value!r} (deprecated) and {new}={new_value!r}; give only {new}.")
-    return old_value
