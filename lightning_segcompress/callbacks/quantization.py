@@ -169,7 +169,7 @@ class QuantizationAwareTraining(QuantizationCallback):
     Example::
 
         trainer = Trainer(max_epochs=12, callbacks=[
-            StructuredPruning(amount=0.5, schedule="agp", start_epoch=1, end_epoch=3, steps=3),
+            StructuredPruning(amount=0.5, schedule="agp", start_epoch=1, end_epoch=4, steps=3),
             QuantizationAwareTraining(backend="fx", start_epoch=6, freeze_bn_epoch=10, freeze_observer_epoch=11),
             DeviceBenchmark(runtimes=["torchscript_lite"])])
     """
