@@ -106,7 +106,8 @@ def test_compare_ratios():
     [({"runtimes": ["tflite"]}, "Unknown runtime"), ({"runs": 0}, "runs must be positive"),
      ({"warmup": -1}, "warmup"), ({"input_size": [3, 64, 64]}, "input_size"), ({"threads": 0}, "threads"),
      ({"every_n_epochs": -2}, "every_n_epochs"), ({"runtimes": []}, "empty"),
-     ({"tile_grids": [[2, 0]]}, "tile_grids"), ({"tile_grids": [[2]]}, "tile_grids")],
+     ({"tile_grids": [[2, 0]]}, "tile_grids"), ({"tile_grids": [[2]]}, "tile_grids"),
+     ({"bootstrap_resamples": 50}, "bootstrap_resamples")],
 )
 def test_bad_config_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -163,6 +164,44 @@ def test_before_after_ratios_report_files_and_loggers_in_one_fit(tmp_path):
     assert "benchmark/final/torchscript_lite/speedup" in header and "benchmark/baseline/macs" in header
 
 
+def test_report_gives_each_stage_a_bootstrap_interval_and_iou_per_class(tmp_path):
+    from lightning_segcompress.callbacks._validation import labelled_validation_batches
+    from lightning_segcompress.utils.metrics import miou_evaluator
+
+    torch.manual_seed(0)
+    data = SyntheticScenesDataModule(num_classes=3, image_size=(32, 32), num_train=4, num_val=6, batch_size=2)
+    data.class_names = ("sky", "ground", "thing")  # as the Cityscapes / photo-texture data modules name them
+    bench = DeviceBenchmark(input_size=[32, 32], runtimes=["eager"], warmup=0, runs=1, isolate=False, memory=False,
+                            samples=0, bootstrap_resamples=200, output_dir=str(tmp_path / "bench"))
+    module = SegmentationModule(network=nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)),
+                                num_classes=3)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[bench]))
+    trainer.fit(module, datamodule=data)
+
+    # every stage keeps its per-image confusion matrices: 6 validation images, 3 classes
+    assert {name: tuple(c.shape) for name, c in bench.confusions.items()} == {"baseline": (6, 3, 3),
+                                                                             "final": (6, 3, 3)}
+    final, baseline = bench.stages["final"], bench.stages["baseline"]
+    # the mIoU from the confusion matrices is the project's torchmetrics mIoU
+    assert final["miou"] == pytest.approx(miou_evaluator(labelled_validation_batches(trainer, None), 3)(
+        module.net), abs=1e-6)
+    change = final["miou_change"]
+    assert change["reference"] == "baseline" and change["images"] == 6 and change["resamples"] == 200
+    assert change["estimate"] == pytest.approx(100 * (final["miou"] - baseline["miou"]))
+    assert change["low"] <= change["estimate"] <= change["high"]
+    assert change["verdict"] in ("better", "worse", "no measurable difference")
+    assert baseline["miou_change"]["verdict"] == "reference" and len(final["per_class_iou"]) == 3
+
+    out = tmp_path / "bench"
+    assert json.loads((out / "benchmark.json").read_text())["stages"]["final"]["miou_change"] == change
+    report = (out / "compression_report.md").read_text()
+    assert "| mIoU change (points) | 95% CI (points) | verdict |" in report
+    assert f"| {change['low']:+.2f}, {change['high']:+.2f}] | {change['verdict']} |" in report.replace("| [", "| ")
+    assert "## IoU per class" in report and "| class | baseline | final |" in report and "| sky |" in report
+    saved = json.loads((out / "compression_report.json").read_text())
+    assert saved["stages"]["final"]["per_class_iou"] == final["per_class_iou"]
+
+
 def test_memory_section_and_tiled_stages(tmp_path):
     data = SyntheticScenesDataModule(num_classes=3, image_size=(32, 32), num_train=8, num_val=4, batch_size=4)
     bench = DeviceBenchmark(input_size=[64, 64], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
@@ -211,5 +250,7 @@ def test_resumed_run_keeps_its_baseline(tmp_path):
     bench = DeviceBenchmark(input_size=[32, 32], runtimes=["eager"], runs=1, isolate=False)
     bench.stages = {"baseline": {"report": {"macs": 5, "runtimes": {}}, "ratios": None}}
     restored = DeviceBenchmark(input_size=[32, 32], runtimes=["eager"])
+    bench.confusions = {"baseline": torch.ones(4, 3, 3, dtype=torch.int64)}
     restored.load_state_dict(bench.state_dict())
     assert restored.baseline == {"macs": 5, "runtimes": {}}
+    assert torch.equal(restored.confusions["baseline"], bench.confusions["baseline"])  # the report's interval

@@ -1,12 +1,15 @@
-"""The compression report: one row per stage (baseline, after each technique, final) with validation mIoU and
-on-device cost, the accuracy/latency and accuracy/size trade-off, channels kept per layer and sample
-predictions, as Markdown, HTML and PNG. Pure torch + matplotlib (without matplotlib only the tables are
+"""The compression report: one row per stage (baseline, after each technique, final) with validation mIoU, its
+change against the first stage with a paired-bootstrap interval and verdict, and on-device cost; IoU per class
+and stage; the accuracy/latency and accuracy/size trade-off, channels kept per layer and sample predictions, as
+Markdown, HTML, JSON and PNG. Pure torch + numpy + matplotlib (without matplotlib only the tables are
 written)."""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,6 +17,7 @@ from torch import nn
 
 from lightning_segcompress.benchmark.report import format_value
 from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
+from lightning_segcompress.utils.statistics import paired_bootstrap, per_class_iou
 
 RUNTIME_LABELS = {"eager": "eager", "torchscript_lite": "lite", "executorch": "ExecuTorch"}
 
@@ -46,11 +50,58 @@ def runtimes_in(stages: Mapping[str, dict]) -> list[str]:
     return seen
 
 
+CONFIDENCE = 0.95  # the level of the report's intervals (the column says "95% CI")
+
+
+def accuracy_statistics(confusions: Mapping[str, object], resamples: int = 1000, seed: int = 0,
+                        level: float = CONFIDENCE, ignore_index: int | None = None,
+                        reference: str | None = None) -> dict[str, dict]:
+    """Per stage with per-image confusion matrices (``[N, C, C]``, same images in the same order for every
+    stage): ``per_class_iou`` (list, None for a class absent from ground truth and prediction) and
+    ``miou_change``, the paired bootstrap of mIoU(stage) - mIoU(reference) in points over the images
+    (:func:`~lightning_segcompress.utils.statistics.paired_bootstrap`: ``estimate``, ``low``, ``high``,
+    ``verdict``, ...). The ``reference`` (default: ``"baseline"`` if it has matrices, else the first stage) gets
+    verdict ``"reference"``. Where no interval can be computed (no matrices for the reference, fewer than 2
+    images, other images than the reference's, ``resamples`` 0) the verdict says why."""
+    if not confusions:
+        return {}
+    if reference is None:
+        reference = "baseline" if "baseline" in confusions else next(iter(confusions))
+    statistics = {}
+    for name, confusion in confusions.items():
+        change: dict = {"reference": reference}
+        if name == reference:
+            change["verdict"] = "reference"
+        elif reference not in confusions:
+            change["verdict"] = f"n/a: no per-image scores for the reference stage {reference!r}"
+        elif not resamples:
+            change["verdict"] = "n/a: bootstrap_resamples is 0"
+        else:
+            try:
+                change.update(paired_bootstrap(confusions[reference], confusion, resamples, seed, level,
+                                               ignore_index).as_dict())
+            except ValueError as err:
+                change["verdict"] = f"n/a: {err}"
+        iou = per_class_iou(confusion)
+        statistics[name] = {"miou_change": change,
+                            "per_class_iou": [None if math.isnan(v) else float(v) for v in iou]}
+    return statistics
+
+
+def _interval(change: Mapping | None) -> str:
+    if not change or change.get("low") is None:
+        return ""
+    return f"[{change['low']:+.2f}, {change['high']:+.2f}]"
+
+
 def stage_rows(stages: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]:
     """The compression table as a header and rows of cells: stage, techniques, val mIoU and its change against
-    the baseline, params, MACs, per runtime latency / file size / speedup / times smaller, planned activations."""
+    the baseline with the paired-bootstrap 95 % interval and verdict (where the stage has ``miou_change``, see
+    :func:`accuracy_statistics`), params, MACs, per runtime latency / file size / speedup / times smaller,
+    planned activations."""
     runtimes = runtimes_in(stages)
-    header = ["stage", "techniques", "val mIoU", "mIoU change (points)", "params M", "GMACs"]
+    header = ["stage", "techniques", "val mIoU", "mIoU change (points)", f"{100 * CONFIDENCE:.0f}% CI (points)",
+              "verdict", "params M", "GMACs"]
     for runtime in runtimes:
         label = RUNTIME_LABELS.get(runtime, runtime)
         header += [f"{label} ms", f"{label} MB", f"{label} speedup", f"{label} x smaller"]
@@ -61,8 +112,10 @@ def stage_rows(stages: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]:
         report, ratios = content["report"], content.get("ratios") or {}
         miou = content.get("miou")
         change = None if miou is None or baseline_miou is None or name == "baseline" else 100 * (miou - baseline_miou)
+        stats = content.get("miou_change") or {}
         row = [name, " + ".join(content.get("techniques") or []) or "none", format_value(miou, 4),
-               format_value(change, 2), _scaled(report.get("params"), 1e6, 3), _scaled(report.get("macs"), 1e9, 3)]
+               format_value(change, 2), _interval(stats), stats.get("verdict", ""),
+               _scaled(report.get("params"), 1e6, 3), _scaled(report.get("macs"), 1e9, 3)]
         for runtime in runtimes:
             entry = report.get("runtimes", {}).get(runtime, {})
             ratio = ratios.get(runtime, {})
@@ -79,10 +132,44 @@ def stage_rows(stages: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]:
 
 def compression_table(stages: Mapping[str, dict]) -> str:
     """The stage table as Markdown."""
-    header, rows = stage_rows(stages)
+    return _markdown(*stage_rows(stages))
+
+
+def per_class_rows(stages: Mapping[str, dict], class_names: Sequence[str] | None = None
+                   ) -> tuple[list[str], list[list[str]]]:
+    """IoU per class (x100) as a header (``class`` and one column per stage with ``per_class_iou``) and one row per
+    class; ``—`` where a class is in neither the ground truth nor the prediction. ``([], [])`` without data."""
+    scored = {name: content["per_class_iou"] for name, content in stages.items() if content.get("per_class_iou")}
+    if not scored:
+        return [], []
+    classes = max(len(iou) for iou in scored.values())
+    names = list(class_names) if class_names is not None and len(class_names) == classes else \
+        [str(k) for k in range(classes)]
+    rows = []
+    for k in range(classes):
+        cells = [names[k]]
+        for iou in scored.values():
+            value = iou[k] if k < len(iou) else None
+            cells.append("—" if value is None else format_value(100 * value, 1))
+        rows.append(cells)
+    return ["class", *scored], rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    return "<table>\n<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>\n" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>\n" for row in rows) + "</table>"
+
+
+def per_class_table(stages: Mapping[str, dict], class_names: Sequence[str] | None = None) -> str:
+    """The IoU-per-class table as Markdown ("" without per-class data)."""
+    header, rows = per_class_rows(stages, class_names)
+    return _markdown(header, rows) if header else ""
 
 
 def _scaled(value, factor: float, digits: int) -> str:
@@ -201,9 +288,11 @@ def samples_figure(images: torch.Tensor, masks: torch.Tensor | None, predictions
 # ---- files ----------------------------------------------------------------------------------------------------
 
 def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict], settings: Mapping,
-                             figures: Mapping[str, object]) -> dict[str, Path]:
-    """Write ``compression_report.md``, ``compression_report.html`` and one PNG per figure (``name.png``; None
-    entries are skipped); returns the written paths by name."""
+                             figures: Mapping[str, object], class_names: Sequence[str] | None = None
+                             ) -> dict[str, Path]:
+    """Write ``compression_report.md``, ``.html`` and ``.json`` (per stage: techniques, val mIoU, its change with
+    interval and verdict, IoU per class) and one PNG per figure (``name.png``; None entries are skipped); returns
+    the written paths by name."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -218,13 +307,28 @@ def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict],
              f"{settings.get('warmup')} warm-up + {settings.get('runs')} timed runs (median). Speedup and "
              "'x smaller' are baseline / stage in the same runtime; the mIoU change is against the baseline, in "
              "points. Stages: the baseline, the network as each technique left it, the final model.")
+    changes = [c["miou_change"] for c in stages.values() if (c.get("miou_change") or {}).get("low") is not None]
+    if changes:
+        intro += (f" The {100 * CONFIDENCE:.0f}% CI is a paired bootstrap over the {changes[0]['images']} validation "
+                  f"images ({changes[0]['resamples']} resamples, the same images for both stages) of mIoU(stage) "
+                  f"- mIoU({changes[0]['reference']}); verdict 'better' / 'worse' when the interval excludes 0, "
+                  "else 'no measurable difference'. It covers the choice of validation images, not training "
+                  "noise (other seeds).")
+        if changes[0]["images"] < 20:
+            intro += f" With only {changes[0]['images']} images the interval is rough."
+    class_header, class_rows = per_class_rows(stages, class_names)
+    class_intro = ("IoU per class (x100) on the same validation images; — where a class is in neither the "
+                   "ground truth nor the prediction.")
+    class_section = ["## IoU per class", class_intro, _markdown(class_header, class_rows)] if class_header else []
     images = [f"![{name}]({path.name})" for name, path in written.items()]
-    markdown = "\n\n".join(["# Compression report", intro, compression_table(stages), *images]) + "\n"
+    markdown = "\n\n".join(["# Compression report", intro, compression_table(stages), *class_section,
+                             *images]) + "\n"
     (output_dir / "compression_report.md").write_text(markdown)
     written["markdown"] = output_dir / "compression_report.md"
-    header, rows = stage_rows(stages)
-    table = "<table>\n<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>\n" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>\n" for row in rows) + "</table>"
+    table = _html_table(*stage_rows(stages))
+    if class_header:
+        table += (f"\n<h2>IoU per class</h2>\n<p>{html.escape(class_intro)}</p>\n"
+                  f"{_html_table(class_header, class_rows)}")
     body = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(n)}"></p>' for n, p in written.items()
                      if p.suffix == ".png")
     (output_dir / "compression_report.html").write_text(
@@ -233,6 +337,14 @@ def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict],
         "table{border-collapse:collapse}</style></head><body>\n<h1>Compression report</h1>\n"
         f"<p>{html.escape(intro)}</p>\n{table}\n{body}\n</body></html>\n")
     written["html"] = output_dir / "compression_report.html"
+    summary = {name: {"techniques": content.get("techniques") or [], "miou": content.get("miou"),
+                      "miou_change": content.get("miou_change"), "per_class_iou": content.get("per_class_iou")}
+               for name, content in stages.items()}
+    classes = max((len(c["per_class_iou"]) for c in summary.values() if c["per_class_iou"]), default=0)
+    names = list(class_names) if class_names is not None and len(class_names) == classes else None
+    (output_dir / "compression_report.json").write_text(json.dumps(
+        {"settings": dict(settings), "level": CONFIDENCE, "class_names": names, "stages": summary}, indent=1))
+    written["json"] = output_dir / "compression_report.json"
     return written
 
 

@@ -18,6 +18,7 @@ from lightning_segcompress.benchmark import (
     write_report,
 )
 from lightning_segcompress.benchmark.compression_report import (
+    accuracy_statistics,
     channels_figure,
     compression_table,
     conv_widths,
@@ -27,11 +28,12 @@ from lightning_segcompress.benchmark.compression_report import (
     write_compression_report,
 )
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
-from lightning_segcompress.callbacks._validation import labelled_validation_batches, validation_miou
+from lightning_segcompress.callbacks._validation import labelled_validation_batches
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
 from lightning_segcompress.compression_state import get_stages
 from lightning_segcompress.utils.inspection import has_int8_modules
 from lightning_segcompress.utils.shapes import input_shape
+from lightning_segcompress.utils.statistics import miou_from_confusion, per_image_confusion
 
 
 class DeviceBenchmark(CompressionCallback):
@@ -50,12 +52,16 @@ class DeviceBenchmark(CompressionCallback):
     the baseline's accuracy is taken right before the first compression step, when it is trained. These are
     observers of the compression protocol: they measure the live network in ``on_before_compression`` (rank 0,
     outside the technique's atomic step, without keeping a copy of the network). Each stage is scored on the
-    validation data (``val mIoU``, the same ``eval_batches`` every time).
+    validation data (``val mIoU``, the same ``eval_batches`` every time); its per-image confusion matrices are
+    kept (``confusions``, ``num_images x C x C`` ints per stage) for the mIoU change's paired-bootstrap interval
+    against the baseline and the IoU per class.
 
     Results go to ``benchmark.json`` and ``benchmark.md`` in ``output_dir``, to the trainer's loggers
     (``benchmark/<stage>/<runtime>/<metric>``) and to stdout. At fit end, ``report`` writes the compression
-    report there: ``compression_report.md`` / ``.html`` (one row per stage: val mIoU, params, MACs, latency, file
-    size and ratios per runtime, planned activation memory) and PNGs (mIoU vs latency, mIoU vs size, channels
+    report there: ``compression_report.md`` / ``.html`` / ``.json`` (one row per stage: val mIoU, its change
+    against the baseline with a 95 % paired-bootstrap interval over the validation images and a verdict, params,
+    MACs, latency, file size and ratios per runtime, planned activation memory; a table of IoU per class and
+    stage) and PNGs (mIoU vs latency, mIoU vs size, channels
     per layer, sample predictions: image, ground truth, before compression, final); with a TensorBoard logger the same
     figures go to TensorBoard (``compression/<name>``). An export or timing failure is recorded in the
     report, never raised: it cannot crash or lose a training run. Only global rank 0 measures.
@@ -86,6 +92,8 @@ class DeviceBenchmark(CompressionCallback):
         tile_max_stride: tile only maps downsampled at most this many times (``None``: no limit).
         per_technique: also measure the network as each compression technique leaves it.
         eval_batches: validation batches each stage is scored on (``None``: all; ``0``: no accuracy).
+        bootstrap_resamples: resamples of the paired bootstrap over validation images behind the mIoU change's
+            95 % interval (``0``: no interval; else at least 100; seed 0, so the report is reproducible).
         report: write the compression report (Markdown, HTML, PNGs) at fit end.
         samples: images in the report's sample-prediction grid.
         ignore_index: label ignored by the mIoU and shown black in the samples.
@@ -125,6 +133,7 @@ class DeviceBenchmark(CompressionCallback):
         tile_max_stride: int | None = 8,
         per_technique: bool = True,
         eval_batches: int | None = None,
+        bootstrap_resamples: int = 1000,
         report: bool = True,
         samples: int = 4,
         ignore_index: int = 255,
@@ -151,15 +160,21 @@ class DeviceBenchmark(CompressionCallback):
         self.every_n_epochs = every_n_epochs
         if eval_batches is not None and eval_batches < 0:
             raise ValueError(f"eval_batches must be >= 0 (0 = no accuracy, None = all), got {eval_batches}.")
+        if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or \
+                (bootstrap_resamples != 0 and bootstrap_resamples < 100):
+            raise ValueError(f"bootstrap_resamples must be 0 (no interval) or an int >= 100 (a percentile interval "
+                             f"from fewer resamples is noise), got {bootstrap_resamples!r}.")
         if samples < 0:
             raise ValueError(f"samples must be >= 0, got {samples}.")
         self.network_attribute = network_attribute
         self.per_technique = per_technique
         self.eval_batches = eval_batches
+        self.bootstrap_resamples = bootstrap_resamples
         self.write_compression_report = report
         self.samples = samples
         self.ignore_index = ignore_index
         self.stages: dict[str, dict] = {}
+        self.confusions: dict[str, torch.Tensor] = {}  # per stage: per-image confusion matrices [N, C, C]
         self.technique: str | None = None  # the compression technique at work now
         self._reference_predictions: torch.Tensor | None = None  # samples' classes before compression
 
@@ -194,7 +209,8 @@ class DeviceBenchmark(CompressionCallback):
             if finished is None:
                 self._reference_predictions = self._sample_predictions(trainer, event.network)
                 if "baseline" in self.stages:  # measured at fit start: same architecture, now trained
-                    self.stages["baseline"]["miou"] = self._score(trainer, event.network)
+                    self.stages["baseline"]["miou"] = self._score(trainer, "baseline", event.network)
+                    self._update_accuracy_statistics()
                     return
             self.measure(trainer, pl_module, "baseline" if finished is None else f"after_{finished}",
                          network=event.network)
@@ -208,12 +224,13 @@ class DeviceBenchmark(CompressionCallback):
         output_dir = self.run_dir(trainer, "benchmark")
         network = network if network is not None else self.network(pl_module)
         report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage)
-        miou = self._score(trainer, network)
+        miou = self._score(trainer, stage, network)
         self.stages[stage].update(miou=miou, channels=conv_widths(network),
                                   techniques=[s["kind"] for s in get_stages(network)])
         if miou is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"benchmark/{stage}/val_miou": miou}, step=trainer.global_step)
+        self._update_accuracy_statistics()
         tile_grids = [] if has_int8_modules(network) else self.tile_grids  # int8 FX modules cannot be traced
         for rows, cols in tile_grids:
             name = f"{stage}_tiled_{rows}x{cols}"
@@ -240,12 +257,27 @@ class DeviceBenchmark(CompressionCallback):
             logger.log_metrics(flat_metrics(stage, report, ratios), step=trainer.global_step)
         return report
 
-    def _score(self, trainer: pl.Trainer, network: torch.nn.Module) -> float | None:
-        """Validation mIoU of ``network`` on the first ``eval_batches`` batches (None without labelled data)."""
+    def _score(self, trainer: pl.Trainer, stage: str, network: torch.nn.Module) -> float | None:
+        """Validation mIoU of ``network`` on the first ``eval_batches`` batches (None without labelled data), from
+        its per-image confusion matrices, which are kept as ``confusions[stage]``."""
+        self.confusions.pop(stage, None)
         if self.eval_batches == 0:
             return None
-        evaluate, _ = validation_miou(trainer, network, self.eval_batches, self.ignore_index)
-        return None if evaluate is None else evaluate(network)
+        batches = labelled_validation_batches(trainer, self.eval_batches)
+        if not batches:
+            return None
+        confusion = per_image_confusion(network, batches, ignore_index=self.ignore_index)
+        self.confusions[stage] = confusion
+        return miou_from_confusion(confusion, self.ignore_index)
+
+    def _update_accuracy_statistics(self) -> None:
+        """Each scored stage's mIoU change against the baseline (paired bootstrap) and IoU per class."""
+        scored = [name for name, content in self.stages.items() if content.get("miou") is not None]
+        reference = "baseline" if "baseline" in self.stages else next(iter(scored), None)
+        statistics = accuracy_statistics(self.confusions, self.bootstrap_resamples, ignore_index=self.ignore_index,
+                                         reference=reference)
+        for name, content in self.stages.items():
+            content.update(statistics.get(name, {"miou_change": None, "per_class_iou": None}))
 
     def write_compression_report_files(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Write the compression report and its figures to ``output_dir`` (and TensorBoard); returns the paths."""
@@ -255,7 +287,8 @@ class DeviceBenchmark(CompressionCallback):
                    "channels_per_layer": channels_figure(self.stages)}
         if self.samples:
             figures["samples"] = self._samples_figure(trainer, pl_module)
-        paths = write_compression_report(output_dir, self.stages, self.settings.as_dict(), figures)
+        class_names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        paths = write_compression_report(output_dir, self.stages, self.settings.as_dict(), figures, class_names)
         for name, figure in figures.items():
             if figure is None:
                 continue
@@ -293,11 +326,12 @@ class DeviceBenchmark(CompressionCallback):
         return samples_figure(images, masks, predictions, classes, self.ignore_index)
 
     def progress_state(self) -> dict[str, Any]:
-        return {"stages": self.stages, "technique": self.technique}
+        return {"stages": self.stages, "technique": self.technique, "confusions": self.confusions}
 
     def load_progress_state(self, state: dict[str, Any]) -> None:
         self.stages = dict(state.get("stages", {}))
         self.technique = state.get("technique")
+        self.confusions = dict(state.get("confusions", {}))
 
 
 def _close(figure) -> None:
