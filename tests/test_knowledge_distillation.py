@@ -12,7 +12,7 @@ from conftest import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, run_ddp_script, trainer_k
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule
 from lightning_segcompress.callbacks import KnowledgeDistillation, StructuredPruning
 from lightning_segcompress.compression_state import write_to_checkpoint
-from lightning_segcompress.distillation import DistillationError
+from lightning_segcompress.distillation import DistillationError, Distiller
 from lightning_segcompress.models import build_network
 from lightning_segcompress.pruning import (
     PruningConfig,
@@ -146,6 +146,49 @@ def test_snapshot_at_fit_start_is_the_student_before_training(tmp_path):
     assert any(not torch.equal(model.net.state_dict()[k], v) for k, v in initial.items() if v.is_floating_point())
 
 
+# ---- relation-based losses (IFVD, CIRKD) ---------------------------------------------------------------------
+
+def test_relation_losses_from_plain_config_train_a_step(tmp_path):
+    """ifvd / cirkd_pixel / cirkd_region as YAML gives them: names with plain weights or option dicts."""
+    torch.manual_seed(0)
+    teacher = build_network(UNET_WIDE, num_classes=4)  # classifier input: 16 channels; the student's: 8
+    kd = KnowledgeDistillation(teacher=teacher, alpha=0.0, losses={
+        "ifvd": 200, "cirkd_pixel": {"temperature": 0.1, "max_pixels": 256}, "cirkd_region": {"weight": 0.1}})
+    probe = LossProbe()
+    model = UserModule()
+    before = {k: v.clone() for k, v in model.segmenter.state_dict().items() if v.is_floating_point()}
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[kd, probe], limit_train_batches=1,
+                                          limit_val_batches=0))
+    trainer.fit(model, _data(image_size=(32, 32)))
+    metrics = trainer.callback_metrics
+    assert {"kd/ifvd_step", "kd/cirkd_pixel_step", "kd/cirkd_region_step"} <= set(metrics)
+    assert kd.losses["cirkd_pixel"] == {"weight": 1.0, "temperature": 0.1, "max_pixels": 256}
+    assert kd.losses["cirkd_region"] == {"weight": 0.1, "temperature": 0.1, "max_pixels": 1024}
+    expected = 200 * metrics["kd/ifvd_step"] + metrics["kd/cirkd_pixel_step"] + 0.1 * metrics["kd/cirkd_region_step"]
+    assert probe.losses[0] == pytest.approx(float(expected), rel=1e-4)  # alpha=0: only the weighted KD terms
+    assert all(float(metrics[f"kd/{n}_step"]) > 0 for n in ("ifvd", "cirkd_pixel", "cirkd_region"))
+    # each feature loss compares the classifiers' inputs by default
+    layers = kd.distiller.student_capture.layers
+    assert layers["ifvd"] == layers["cirkd_pixel"] == layers["cirkd_region"] == ("segmentation_head.0", True)
+    assert any(not torch.equal(model.segmenter.state_dict()[k], v) for k, v in before.items())  # it trained
+
+
+def test_label_losses_need_labels():
+    student, teacher = build_network(SMP_UNET, num_classes=4), build_network(SMP_UNET, num_classes=4)
+    layer = ("segmentation_head.0:input", "segmentation_head.0:input")
+    distiller = Distiller(student, teacher, {"cirkd_region": 1.0}, default_feature_layers=layer)
+    distiller.attach()
+    student(torch.randn(2, 3, 32, 32))
+    with pytest.raises(DistillationError, match="cirkd_region needs the labels"):
+        distiller.compute(None)
+    student(torch.randn(2, 3, 32, 32))
+    target = torch.full((2, 32, 32), 255)
+    target[:, :8] = 1
+    total, terms = distiller.compute(target)
+    assert set(terms) == {"cirkd_region"} and total.grad_fn is not None
+    distiller.detach()
+
+
 # ---- feature hints and connectors -------------------------------------------------------------------------
 
 HINT = {"student": "decoder.blocks.0.conv1.0", "teacher": "decoder.blocks.0.conv1.0", "weight": 1.0}
@@ -237,6 +280,7 @@ def test_manual_optimization_adds_the_documented_loss_by_hand(tmp_path):
     (dict(teacher="no/such/teacher.ckpt"), "neither 'snapshot' nor an existing checkpoint file"),
     (dict(losses={"kl": 1.0}), "unknown distillation loss 'kl'"),
     (dict(losses={"cwd": {"temp": 2}}), "cwd has no option\\(s\\) \\['temp'\\]"),
+    (dict(losses={"ifvd": {"temperature": 2}}), "ifvd has no option\\(s\\) \\['temperature'\\]"),
     (dict(snapshot_at="epoch_3"), "snapshot_at must be one of"),
     (dict(hints=[{"student": "a"}]), "a hint is \\{student: layer, teacher: layer"),
 ])

@@ -30,7 +30,7 @@ from lightning_segcompress.distillation import (
     snapshot,
     snapshot_state,
 )
-from lightning_segcompress.distillation.distiller import connector_channels
+from lightning_segcompress.distillation.distiller import FEATURE_LOSSES, connector_channels
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.models.segmentation_module import SegmentationModule
 from lightning_segcompress.utils.batch import batch_labels
@@ -68,14 +68,18 @@ class KnowledgeDistillation(CompressionCallback):
             saved once to ``<output_dir>/teacher_snapshot.pt`` instead of into every checkpoint; a resumed fit
             reads it from there (or from the resumed checkpoint's folder).
         losses: ``{name: weight}`` or ``{name: {weight, options}}`` for ``pixel_kl`` (temperature), ``cwd``
-            (temperature), ``pairwise`` (pool_scale, student_layer, teacher_layer; default: the classifier's
-            input), ``ace`` (kappa). Defaults follow the publications (see ``distillation.losses.DEFAULTS``).
+            (temperature), ``pairwise`` (pool_scale), ``ace`` (kappa), ``ifvd`` (intra-class feature variation,
+            Wang et al. 2020), ``cirkd_pixel`` (temperature, max_pixels; cross-image pixel relations, Yang et al.
+            2022, in-batch) and ``cirkd_region`` (temperature, max_pixels; pixel-to-region relations within the
+            batch). The feature losses (pairwise, ifvd, cirkd_*) also take student_layer / teacher_layer (default:
+            the classifier's input; channel counts may differ); ace, ifvd and cirkd_region use the batch's labels.
+            Defaults follow the publications and official code (see ``distillation.losses.DEFAULTS``).
         hints: ``[{student: layer, teacher: layer, weight: 1.0}]`` feature hints (MSE); a learnable 1x1 conv + BN
             connector maps channels where they differ. Connectors train with the first optimizer, are saved in
             this callback's checkpoint state, and are never part of the student network (nor its export).
             A layer is a module name (or a regex naming one module); ``"name:input"`` takes its input.
         alpha: factor on the module's own loss.
-        ignore_index: label ignored by ``ace`` and masked out of ``pixel_kl``.
+        ignore_index: label ignored by ``ace``, ``ifvd`` and ``cirkd_region`` and masked out of ``pixel_kl``.
         teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
         input_size: ``[H, W]`` of the example used to check student and teacher at fit start.
         network_attribute: the student network's attribute path in the LightningModule (default: found).
@@ -153,10 +157,10 @@ class KnowledgeDistillation(CompressionCallback):
         else:
             teacher, self.active = self._build_teacher(student, example), True
             teacher.to(example.device)
-        pairwise_default = _classifier_inputs(student, teacher or student, example) if "pairwise" in self.losses \
-            else None
+        feature_default = _classifier_inputs(student, teacher or student, example) \
+            if set(self.losses) & set(FEATURE_LOSSES) else None
         self.distiller = Distiller(student, teacher, self.losses, self.hints, self.ignore_index,
-                                   self.teacher_autocast, pairwise_default)
+                                   self.teacher_autocast, feature_default)
         self.distiller.attach()
         self.distiller.check(example)  # class counts, layers and connectors: errors now, not mid-epoch
         install_extra_parameters(pl_module, self.state_key, self._connector_parameters)
@@ -312,7 +316,7 @@ class KnowledgeDistillation(CompressionCallback):
 
 
 def _classifier_inputs(student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> tuple[str, str] | None:
-    """Default pair-wise layers: the input of each network's (first) classifier layer."""
+    """Default layers of the feature losses: the input of each network's (first) classifier layer."""
     try:
         s = find_classifier_layers(student, example)[0]
         t = find_classifier_layers(teacher, example)[0]

@@ -19,6 +19,10 @@ from lightning_segcompress.distillation.losses import DEFAULTS, LOSSES, feature_
 from lightning_segcompress.utils.inspection import extract_logits, frozen_copy
 
 LOGIT_LOSSES = ("pixel_kl", "cwd", "ace")
+# Losses on feature maps: each compares its own student_layer / teacher_layer (default: the classifier's input).
+FEATURE_LOSSES = ("pairwise", "ifvd", "cirkd_pixel", "cirkd_region")
+# Losses that need the labels.
+LABEL_LOSSES = ("ace", "ifvd", "cirkd_region")
 LOSS_NAMES = tuple(LOSSES) + ("hints",)
 
 
@@ -41,7 +45,7 @@ def normalise_losses(losses: Mapping[str, Any]) -> dict[str, dict]:
                                     "in `hints`).")
         options = {"weight": float(options)} if isinstance(options, (int, float)) else dict(options or {})
         merged = {**DEFAULTS[name], **options}
-        allowed = set(DEFAULTS[name]) | ({"student_layer", "teacher_layer"} if name == "pairwise" else set())
+        allowed = set(DEFAULTS[name]) | ({"student_layer", "teacher_layer"} if name in FEATURE_LOSSES else set())
         unknown = set(merged) - allowed
         if unknown:
             raise DistillationError(f"{name} has no option(s) {sorted(unknown)}; it takes {sorted(allowed)}.")
@@ -68,11 +72,12 @@ class Distiller:
             None until :meth:`set_teacher` (a snapshot of the student to come): checks then use the student's own
             layers in its place.
         losses: ``{name: weight or options}`` with names from ``LOSSES`` (``pixel_kl``, ``cwd``, ``pairwise``,
-            ``ace``); ``pairwise`` compares ``student_layer`` / ``teacher_layer`` (default: the input of the
-            classifier, given as ``default_feature_layers``).
+            ``ace``, ``ifvd``, ``cirkd_pixel``, ``cirkd_region``); the feature losses (``FEATURE_LOSSES``) each
+            compare their ``student_layer`` / ``teacher_layer`` (default: the input of the classifier, given as
+            ``default_feature_layers``); ``ace``, ``ifvd`` and ``cirkd_region`` need the labels.
         hints: ``[{"student": layer, "teacher": layer, "weight": w}]``; a learnable 1x1 connector maps the
             student's channels to the teacher's where they differ.
-        ignore_index: label ignored by ``ace`` and masked out of ``pixel_kl``.
+        ignore_index: label ignored by ``ace``, ``ifvd`` and ``cirkd_region`` and masked out of ``pixel_kl``.
         teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
     """
 
@@ -86,13 +91,13 @@ class Distiller:
         self.student, self.teacher = student, None if teacher is None else freeze(teacher)
         student_layers = {f"hint{i}": h["student"] for i, h in enumerate(self.hints)}
         teacher_layers = {f"hint{i}": h["teacher"] for i, h in enumerate(self.hints)}
-        if "pairwise" in self.losses:
-            options = self.losses["pairwise"]
+        for name in (n for n in FEATURE_LOSSES if n in self.losses):
+            options = self.losses[name]
             default = default_feature_layers or (None, None)
-            student_layers["pairwise"] = options.get("student_layer") or default[0]
-            teacher_layers["pairwise"] = options.get("teacher_layer") or default[1]
-            if not student_layers["pairwise"] or not teacher_layers["pairwise"]:
-                raise DistillationError("pairwise needs student_layer and teacher_layer (feature maps to compare).")
+            student_layers[name] = options.get("student_layer") or default[0]
+            teacher_layers[name] = options.get("teacher_layer") or default[1]
+            if not student_layers[name] or not teacher_layers[name]:
+                raise DistillationError(f"{name} needs student_layer and teacher_layer (feature maps to compare).")
         self._student_layers, self._teacher_layers = student_layers, teacher_layers
         self.student_capture = ForwardCapture(student, student_layers, "student")
         self.teacher_capture = None if teacher is None else ForwardCapture(self.teacher, teacher_layers, "teacher")
@@ -158,7 +163,8 @@ class Distiller:
             raise DistillationError(
                 f"the student predicts {student_out.shape[1]} classes and the teacher {teacher_out.shape[1]}: "
                 f"{sorted(set(self.losses) & set(LOGIT_LOSSES))} compare class scores, so both must have the same "
-                "classes (check the teacher's num_classes), or use only hints / pairwise.")
+                "classes (check the teacher's num_classes), or use only hints / feature losses "
+                f"({', '.join(FEATURE_LOSSES)}).")
         for key in self.student_capture.layers:
             s, t = self.student_capture.features.get(key), teacher_capture.features.get(key)
             names = (self.student_capture.layers[key][0], teacher_capture.layers[key][0])
@@ -203,19 +209,22 @@ class Distiller:
         terms: dict[str, torch.Tensor] = {}
         for name, options in self.losses.items():
             kwargs = {k: v for k, v in options.items() if k not in ("weight", "student_layer", "teacher_layer")}
+            if name in LABEL_LOSSES:
+                if target is None:
+                    raise DistillationError(f"{name} needs the labels: the batch must be (images, masks) or a dict "
+                                            "with 'mask'.")
+                kwargs["ignore_index"] = self.ignore_index
             if name == "pixel_kl":
                 valid = None
                 if target is not None and target.shape[-2:] == student.shape[-2:]:
                     valid = target != self.ignore_index
                 terms[name] = LOSSES[name](student, teacher, valid=valid, **kwargs)
             elif name == "ace":
-                if target is None:
-                    raise DistillationError("ace needs the labels: the batch must be (images, masks) or a dict with "
-                                            "'mask'.")
-                terms[name] = LOSSES[name](student, teacher, target, ignore_index=self.ignore_index, **kwargs)
-            elif name == "pairwise":
-                terms[name] = LOSSES[name](capture.features["pairwise"],
-                                           self.teacher_capture.features["pairwise"].detach().float(), **kwargs)
+                terms[name] = LOSSES[name](student, teacher, target, **kwargs)
+            elif name in FEATURE_LOSSES:
+                features = (capture.features[name], self.teacher_capture.features[name].detach().float())
+                labels = (target,) if name in LABEL_LOSSES else ()
+                terms[name] = LOSSES[name](*features, *labels, **kwargs)
             else:
                 terms[name] = LOSSES[name](student, teacher, **kwargs)
         hint_total = None

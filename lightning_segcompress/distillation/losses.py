@@ -143,6 +143,162 @@ def feature_hint(student_features: torch.Tensor, teacher_features: torch.Tensor)
     return F.mse_loss(student, teacher_features.float())
 
 
+def _label_map(target: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """``B x H x W`` labels nearest-resized to ``size`` (as the official IFVD / CIRKD code does), int64."""
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target.long()
+    return F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+def _regions(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(keep, region, R)``: the mask of non-ignored positions of ``B x H x W`` labels and, for each kept
+    position (in ``labels[keep]`` order), the index in ``[0, R)`` of its region = one (image, class) pair."""
+    keep = labels != ignore_index
+    if not keep.any():
+        return keep, labels.new_zeros(0), 0
+    classes = labels[keep]
+    low = classes.min()
+    span = classes.max() - low + 1
+    batch_index = torch.arange(labels.shape[0], device=labels.device)[:, None, None].expand_as(labels)[keep]
+    # one integer key per (image, class) pair, numbered 0..R-1 in sorted order
+    unique, region = torch.unique(batch_index * span + (classes - low), return_inverse=True)
+    return keep, region, unique.shape[0]
+
+
+def _region_means(pixels: torch.Tensor, region: torch.Tensor, count: int) -> torch.Tensor:
+    """``count x C`` mean of the ``N x C`` rows of ``pixels`` per region index."""
+    sums = pixels.new_zeros(count, pixels.shape[1]).index_add(0, region, pixels)
+    sizes = torch.bincount(region, minlength=count).clamp(min=1).to(pixels.dtype)
+    return sums / sizes[:, None]
+
+
+def _pooled(features: torch.Tensor, max_pixels: int | None) -> torch.Tensor:
+    """``features`` adaptive-average-pooled to the largest grid of (about) the same aspect ratio with at most
+    ``max_pixels`` positions per image; unchanged when it already has no more (or ``max_pixels`` is None)."""
+    h, w = features.shape[-2:]
+    if max_pixels is None or h * w <= max_pixels:
+        return features
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}.")
+    scale = math.sqrt(max_pixels / (h * w))
+    size = (max(1, min(h, math.floor(h * scale))), max(1, min(w, math.floor(w * scale))))
+    return F.adaptive_avg_pool2d(features, size)
+
+
+def ifvd(student_features: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,
+         ignore_index: int = 255) -> torch.Tensor:
+    """Intra-class feature variation distillation, IFVD (Wang et al., ECCV 2020, "Intra-class Feature Variation
+    Distillation for Semantic Segmentation"; official code github.com/YukangWang/IFVD, ``CriterionIFV``).
+
+    The labels are nearest-resized to the feature map. Per image and class, the prototype ``p_k`` is the mean
+    feature of that class's pixels; the IFV map is ``m_i = cos(f_i, p_{y_i})`` and
+    ``loss = mean over non-ignored pixels of (m^S_i - m^T_i)^2``. Prototypes and cosines are taken in each
+    network's own feature space, so the channel counts may differ (no connector). Classes absent from an image
+    simply have no prototype there. Zero (with ``grad_fn``) when every pixel is ignored.
+
+    The official code averages over all pixels, ignored ones included (their IFV is 1 in both maps, so they add
+    zeros to the sum); this mean runs over the non-ignored pixels only, i.e. it is larger by ``all / non-ignored``.
+
+    Args:
+        student_features: ``B x C_s x H_s x W_s``; resized bilinearly to the teacher's ``H x W`` if different.
+        teacher_features: ``B x C_t x H x W``.
+        target: labels ``B x H' x W'`` (int64); every value other than ``ignore_index`` is a class.
+    """
+    teacher = teacher_features.float()
+    student = _resize(student_features.float(), teacher.shape[-2:])
+    keep, region, count = _regions(_label_map(target, teacher.shape[-2:]), ignore_index)
+    if not keep.any():
+        return _zero(student)
+
+    def variation(features: torch.Tensor) -> torch.Tensor:
+        pixels = features.permute(0, 2, 3, 1)[keep]  # N x C, the non-ignored pixels
+        prototypes = _region_means(pixels, region, count)
+        return F.cosine_similarity(pixels, prototypes[region], dim=1, eps=1e-8)
+
+    return F.mse_loss(variation(student), variation(teacher))
+
+
+def _unit_pixels(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                 max_pixels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps at the teacher's size (student resized bilinearly), pooled to ``max_pixels`` and L2-normalised
+    along the channels: ``B x C x h x w`` each."""
+    teacher = teacher_features.float()
+    student = _resize(student_features.float(), teacher.shape[-2:])
+    student, teacher = _pooled(student, max_pixels), _pooled(teacher, max_pixels)
+    return F.normalize(student, p=2, dim=1), F.normalize(teacher, p=2, dim=1)
+
+
+def cirkd_pixel(student_features: torch.Tensor, teacher_features: torch.Tensor, temperature: float = 0.1,
+                max_pixels: int | None = 1024) -> torch.Tensor:
+    """Cross-image pixel-to-pixel relation distillation, the mini-batch part of CIRKD (Yang et al., CVPR 2022,
+    "Cross-Image Relational Knowledge Distillation for Semantic Segmentation"; official code github.com/winycg/CIRKD,
+    ``CriterionMiniBatchCrossImagePair``).
+
+    With ``f`` the L2-normalised pixel embeddings, for every ordered pair of images ``(i, j)`` of the batch (``i = j``
+    included) ``S_ij = f_i f_j^T / tau`` (``N x N``, ``N`` pixels per image); each row becomes a distribution over
+    image ``j``'s pixels and ``loss = 1 / (B^2 N) * sum_{i,j,rows} KL(softmax(S^T_ij) || softmax(S^S_ij))`` (the
+    official ``batchmean`` KL averaged over the ``B^2`` pairs, no ``tau^2`` factor). Channel counts may differ.
+
+    This is an in-batch reconstruction: the official CIRKD also keeps memory banks across batches (a pixel queue
+    and a region queue of teacher embeddings, with a learnable projection of the student), which are not kept here;
+    see :func:`cirkd_region` for the in-batch pixel-to-region part.
+
+    Args:
+        student_features: ``B x C_s x H_s x W_s``; resized bilinearly to the teacher's ``H x W`` if different.
+        teacher_features: ``B x C_t x H x W``.
+        temperature: ``tau``; 0.1 is the official ``--contrast-temperature``.
+        max_pixels: maps with more than this many positions per image are first average-pooled (adaptively, keeping
+            the aspect ratio) to at most that many, bounding memory (``B^2 N^2`` similarities per network). None
+            pools nothing, as the official default does on its 1/8-resolution features (its ``pooling=True`` is a
+            2x2 average pool).
+    """
+    student, teacher = _unit_pixels(student_features, teacher_features, max_pixels)
+    b = student.shape[0]
+    student, teacher = student.flatten(2), teacher.flatten(2)  # B x C x N
+    n = student.shape[-1]
+    # B x B x N x N: row (i, j, p) holds the similarities of pixel p of image i to every pixel of image j.
+    s_sim = torch.einsum("icn,jcm->ijnm", student, student) / temperature
+    t_sim = torch.einsum("icn,jcm->ijnm", teacher, teacher) / temperature
+    kl = F.kl_div(F.log_softmax(s_sim, dim=-1), F.log_softmax(t_sim, dim=-1), reduction="sum", log_target=True)
+    return kl / (b * b * n)
+
+
+def cirkd_region(student_features: torch.Tensor, teacher_features: torch.Tensor, target: torch.Tensor,
+                 temperature: float = 0.1, max_pixels: int | None = 1024, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-image pixel-to-region relation distillation after CIRKD (Yang et al., CVPR 2022; official code
+    github.com/winycg/CIRKD, the region part of ``StudentSegContrast``), reconstructed within the mini-batch.
+
+    The labels are nearest-resized to the (pooled) feature map. A region is one class in one image of the batch;
+    its embedding ``r`` is the L2-normalised mean of the L2-normalised pixel embeddings of that class there. For every
+    non-ignored pixel ``f``, ``softmax_r(f . r / tau)`` over all regions of the batch is its relation
+    distribution; ``loss = mean over non-ignored pixels of KL(teacher's || student's)`` (the official KD temperature
+    on these relations is 1, so no further scaling). Each network relates its own pixels to its own regions, so the
+    channel counts may differ. Zero (with ``grad_fn``) when every pixel is ignored.
+
+    The official method instead draws the regions from a memory bank of the teacher's region embeddings collected
+    across batches, and maps the student's pixels into the teacher's space with a learnable projection head.
+
+    Args:
+        student_features: ``B x C_s x H_s x W_s``; resized bilinearly to the teacher's ``H x W`` if different.
+        teacher_features: ``B x C_t x H x W``.
+        target: labels ``B x H' x W'`` (int64); every value other than ``ignore_index`` is a class.
+        temperature: ``tau``; 0.1 is the official ``--contrast-temperature``.
+        max_pixels: as in :func:`cirkd_pixel` (the official memory part average-pools 2x2 first).
+    """
+    student, teacher = _unit_pixels(student_features, teacher_features, max_pixels)
+    keep, region, count = _regions(_label_map(target, teacher.shape[-2:]), ignore_index)
+    if not keep.any():
+        return _zero(student)
+
+    def log_relations(features: torch.Tensor) -> torch.Tensor:
+        pixels = features.permute(0, 2, 3, 1)[keep]  # N x C, unit length
+        regions = F.normalize(_region_means(pixels, region, count), p=2, dim=1)
+        return F.log_softmax(pixels @ regions.T / temperature, dim=1)
+
+    kl = F.kl_div(log_relations(student), log_relations(teacher), reduction="batchmean", log_target=True)
+    return kl
+
+
 class Connector(nn.Module):
     """Learnable 1x1 convolution (no bias) + BatchNorm mapping student features to the teacher's channel count."""
 
@@ -160,13 +316,20 @@ def make_connector(in_channels: int, out_channels: int) -> nn.Module:
     return nn.Identity() if in_channels == out_channels else Connector(in_channels, out_channels)
 
 
-LOSSES = {"pixel_kl": pixel_kl, "cwd": channel_wise, "pairwise": pairwise_affinity, "ace": ace}
+LOSSES = {"pixel_kl": pixel_kl, "cwd": channel_wise, "pairwise": pairwise_affinity, "ace": ace, "ifvd": ifvd,
+          "cirkd_pixel": cirkd_pixel, "cirkd_region": cirkd_region}
 
 # Per-loss default options, from the publications: pixel KD weight 10 with T=1 (Liu et al.), CWD T=4 weight 3
-# (Shu et al.), pair-wise weight 0.5-1 (Liu et al.), ACE kappa 0.3 (Haas et al.).
+# (Shu et al.), pair-wise weight 0.5-1 (Liu et al.), ACE kappa 0.3 (Haas et al.), IFVD weight 200 (the official
+# code's --lambda-ifv), CIRKD tau 0.1 with weight 1 for the mini-batch pixel relations and 0.1 for the region
+# relations (the official --contrast-temperature, --lambda-minibatch-pixel and --lambda-memory-region).
+# max_pixels (a memory bound of this package, not of CIRKD) pools to at most 32 x 32 positions per image.
 DEFAULTS = {
     "pixel_kl": {"weight": 10.0, "temperature": 1.0},
     "cwd": {"weight": 3.0, "temperature": 4.0},
     "pairwise": {"weight": 1.0, "pool_scale": 0.5},
     "ace": {"weight": 1.0, "kappa": 0.3},
+    "ifvd": {"weight": 200.0},
+    "cirkd_pixel": {"weight": 1.0, "temperature": 0.1, "max_pixels": 1024},
+    "cirkd_region": {"weight": 0.1, "temperature": 0.1, "max_pixels": 1024},
 }
