@@ -3,6 +3,7 @@
 from lightning_segcompress.compression_state import load_compressed
 from lightning_segcompress.data import (
     CityscapesDataModule,
+    PhotoTexturesDataModule,
     SegmentationFolderDataModule,
     SyntheticScenesDataModule,
 )
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CityscapesDataModule",
+    "PhotoTexturesDataModule",
     "SegmentationFolderDataModule",
     "SegmentationModule",
     "SyntheticScenesDataModule",
