@@ -152,3 +152,24 @@ def install_loss_term(pl_module: pl.LightningModule, key: str, term: LossTerm, f
 
 def remove_loss_term(pl_module: pl.LightningModule, key: str) -> None:
     _unregister(pl_module, "_segcompress_loss_terms", key, "training_step")
+
+
+def lr_schedule_state(trainer: pl.Trainer) -> dict:
+    """Where the LR schedules are now: every scheduler's state and every optimizer group's learning rate."""
+    return {"schedulers": [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
+            "lrs": [[group["lr"] for group in o.param_groups] for o in trainer.optimizers]}
+
+
+def load_lr_schedule_state(trainer: pl.Trainer, state: dict) -> None:
+    """Put the LR schedules back to ``state`` (from :func:`lr_schedule_state`): the schedulers continue from that
+    position and the optimizers use its learning rates. Param groups added since (e.g. distillation connectors)
+    follow the first group, as when they were added."""
+    for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
+        config.scheduler.load_state_dict(copy.deepcopy(saved))
+        groups = len(config.scheduler.optimizer.param_groups)
+        for value in vars(config.scheduler).values():
+            if isinstance(value, list) and value and len(value) < groups:
+                value.extend(copy.copy(value[0]) for _ in range(groups - len(value)))
+    for optimizer, lrs in zip(trainer.optimizers, state["lrs"]):
+        for index, group in enumerate(optimizer.param_groups):
+            group["lr"] = lrs[index] if index < len(lrs) else lrs[0]

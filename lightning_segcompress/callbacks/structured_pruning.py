@@ -12,6 +12,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
+from lightning_segcompress.callbacks._training import load_lr_schedule_state, lr_schedule_state
+from lightning_segcompress.callbacks._validation import validation_miou
 from lightning_segcompress.callbacks.protocol import (
     CompressionCallback,
     CompressionEvent,
@@ -30,6 +32,7 @@ from lightning_segcompress.pruning import (
     plan_step,
     prune_with_history,
 )
+from lightning_segcompress.pruning.budget import MiouBudget, restore, restore_point
 from lightning_segcompress.pruning.graph import METRICS, _restore, _snapshot, unused_layers
 from lightning_segcompress.pruning.importance import resolve_importance_class
 from lightning_segcompress.pruning.search import check_supported
@@ -82,6 +85,21 @@ class StructuredPruning(CompressionCallback):
         network_attribute: attribute path of the network in the LightningModule (default: found automatically).
         output_dir: where ``pruning_steps.json`` goes; default ``<log_dir>/pruning``.
         seed: seed for ``random`` importance (the same on every rank).
+        max_miou_drop: an accuracy budget in mIoU points (0-100), or ``None`` for none. Each step is judged
+            after it has been fine-tuned: just before the next step, and the last one at the start of the fit's
+            last epoch. The first step whose network scores more than ``max_miou_drop`` points below the unpruned
+            network (measured right before step 1, on the same ``eval_batches`` validation batches) is undone --
+            network, weights and pruning history back to just before it -- and the schedule stops: the fit keeps
+            the largest amount that stayed within the budget. Needs labelled validation data and one more
+            epoch after the last step; keeps one copy of the network's weights. The checks, the achieved
+            fraction and the measured drop are logged (``pruning/miou_drop``) and written to
+            ``pruning_budget.json`` beside ``pruning_steps.json``.
+        eval_batches: validation batches the budget is measured on (``None``: all).
+        ignore_index: label ignored by the budget's mIoU.
+        lr_rewind_epoch: learning-rate rewinding (Renda et al., ICLR 2020): after every step, put the LR
+            schedulers and learning rates back where they were at the start of this epoch (<= ``start_epoch``),
+            so the pruned network is fine-tuned with a high learning rate again; ``None`` (default) keeps the
+            schedule's position. Optimizer state (momentum) is kept either way.
         tolerance: deprecated spelling of ``rel_tolerance``.
 
     Example::
@@ -119,6 +137,10 @@ class StructuredPruning(CompressionCallback):
         network_attribute: str | None = None,
         output_dir: str | None = None,
         seed: int = 0,
+        max_miou_drop: float | None = None,
+        eval_batches: int | None = 8,
+        ignore_index: int = 255,
+        lr_rewind_epoch: int | None = None,
         tolerance: float | None = None,
     ) -> None:
         rel_tolerance = self.take_renamed("tolerance", "rel_tolerance", tolerance,
@@ -139,6 +161,14 @@ class StructuredPruning(CompressionCallback):
             raise ValueError(f"taylor_batches must be >= 1, got {taylor_batches}.")
         if on_failure not in ("raise", "skip"):
             raise ValueError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}.")
+        if max_miou_drop is not None and max_miou_drop < 0:
+            raise ValueError(f"max_miou_drop is in mIoU points below the unpruned network and must be >= 0 (or null "
+                             f"for no budget), got {max_miou_drop}.")
+        if eval_batches is not None and eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 (or null for all), got {eval_batches}.")
+        if lr_rewind_epoch is not None and not 0 <= lr_rewind_epoch <= start_epoch:
+            raise ValueError(f"lr_rewind_epoch must be an epoch in 0..start_epoch ({start_epoch}): the schedule is "
+                             f"rewound to a position it has already passed; got {lr_rewind_epoch}.")
         if isinstance(ignored_layers, str):
             ignored_layers = [ignored_layers]
         self.target = target
@@ -155,8 +185,14 @@ class StructuredPruning(CompressionCallback):
         self.network_attribute = network_attribute
         self.output_dir = output_dir
         self.seed = seed
+        self.max_miou_drop = max_miou_drop
+        self.eval_batches = eval_batches
+        self.ignore_index = ignore_index
+        self.lr_rewind_epoch = lr_rewind_epoch
         # progress, saved in checkpoints
         self.steps_done = 0
+        self.budget = MiouBudget(max_miou_drop) if max_miou_drop is not None else None
+        self.lr_rewind_state: dict | None = None
         self.reference: dict[str, int] | None = None
         self.reference_widths: dict[str, int] | None = None
         self.records: list[dict] = []
@@ -164,6 +200,8 @@ class StructuredPruning(CompressionCallback):
         self._ignored: list[str] = []
         self._grad_sum: dict[str, torch.Tensor] = {}
         self._grad_batches = 0
+        self._evaluate = None
+        self._restore_point = None  # the network just before the last step, while the budget may undo it
 
     # ---- Lightning hooks -------------------------------------------------------------------------------
 
@@ -176,9 +214,29 @@ class StructuredPruning(CompressionCallback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         remove_checkpoint_restore(pl_module)
+        self._evaluate = self._restore_point = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is None:
+            return
+        last_check = self._final_check_epoch(trainer)
+        if last_check is not None and last_check <= self.schedule.last_epoch:
+            raise PruningError(f"max_miou_drop judges the last pruning step (epoch {self.schedule.last_epoch}) after "
+                               f"fine-tuning, at the start of the fit's last epoch, but max_epochs is "
+                               f"{trainer.max_epochs}: raise max_epochs above {self.schedule.last_epoch + 1} or end "
+                               "the schedule earlier.")
+        self._evaluate, _ = validation_miou(trainer, self.network(pl_module), self.eval_batches, self.ignore_index)
+        if self._evaluate is None:
+            raise PruningError("max_miou_drop measures mIoU on validation batches with labels, but the fit has none; "
+                               "give the trainer validation data (limit_val_batches > 0) or drop max_miou_drop.")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._grad_sum, self._grad_batches = {}, 0
+        if self.lr_rewind_epoch == trainer.current_epoch and self.lr_rewind_state is None:
+            self.lr_rewind_state = lr_schedule_state(trainer)
+        if self.budget is not None and trainer.current_epoch == self._final_check_epoch(trainer) \
+                and self.steps_done == self.schedule.steps:
+            self._check_budget(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.importance != "taylor" or not self._due_steps(trainer.current_epoch):
@@ -200,6 +258,9 @@ class StructuredPruning(CompressionCallback):
             if self._grad_batches < self.taylor_batches and not (last_batch and self._grad_batches > 0):
                 return
         for step in due:
+            if self.budget is not None and not self._check_budget(trainer, pl_module):
+                self.steps_done = self.schedule.steps  # the budget is spent: no further steps
+                return
             self.prune_step(trainer, pl_module, step, batch)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -207,7 +268,9 @@ class StructuredPruning(CompressionCallback):
 
     def progress_state(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done, "reference": self.reference, "reference_widths": self.reference_widths,
-                "records": self.records, "input_size": self.input_size}
+                "records": self.records, "input_size": self.input_size,
+                "budget": self.budget.summary() if self.budget is not None else None,
+                "lr_rewind_state": self.lr_rewind_state}
 
     def load_progress_state(self, state_dict: dict[str, Any]) -> None:
         self.steps_done = int(state_dict.get("steps_done", 0))
@@ -215,6 +278,9 @@ class StructuredPruning(CompressionCallback):
         self.reference_widths = state_dict.get("reference_widths")
         self.records = list(state_dict.get("records", []))
         self.input_size = state_dict.get("input_size") or self.input_size
+        if self.budget is not None:
+            self.budget = MiouBudget.from_dict(state_dict.get("budget"), self.max_miou_drop)
+        self.lr_rewind_state = state_dict.get("lr_rewind_state") or self.lr_rewind_state
 
     # ---- the pruning step ------------------------------------------------------------------------------
 
@@ -236,14 +302,16 @@ class StructuredPruning(CompressionCallback):
         if "error" not in payload:
             event = CompressionEvent(KIND, step, network, trainer.current_epoch, trainer.global_step,
                                      plan=payload["history"])
-            restore_point = _snapshot(network)
+            if self.budget is not None:
+                self._restore_point = restore_point(network)
+            rollback = _snapshot(network)
 
             def apply() -> nn.Module:
                 prune_with_history(network, payload["history"], example)
                 return network
 
             try:
-                run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, restore_point))
+                run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, rollback))
             except Exception as err:  # noqa: BLE001 - reported below, the network is already restored
                 payload = {"error": f"{type(err).__name__}: {err}"}
         self.steps_done = step
@@ -254,7 +322,66 @@ class StructuredPruning(CompressionCallback):
                 raise PruningError(message)
             rank_zero_warn(message + " Training continues (on_failure='skip').")
             return
+        if self.lr_rewind_state is not None:
+            load_lr_schedule_state(trainer, self.lr_rewind_state)
         self._report(trainer, network, example, step, payload["plan"])
+
+    # ---- the accuracy budget ---------------------------------------------------------------------------
+
+    def _final_check_epoch(self, trainer: pl.Trainer) -> int | None:
+        """The epoch at whose start the last step is judged: the fit's last epoch."""
+        max_epochs = trainer.max_epochs
+        return None if max_epochs is None or max_epochs < 0 else max_epochs - 1
+
+    def _check_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Before the next step (or at the last epoch's start): measure the network. Before step 1 that sets the
+        reference; afterwards the last step is judged and, over the budget, undone. False when the schedule must
+        stop."""
+        budget = self.budget
+        if budget.stopped:
+            return False
+        judged = {c["step"] for c in budget.checks}
+        if self.steps_done > 0 and self.steps_done in judged:
+            return True
+        network = self.network(pl_module)
+        miou = float(self._evaluate(network)) if trainer.is_global_zero and self._evaluate is not None else None
+        miou = trainer.strategy.broadcast(miou, src=0)
+        if self.steps_done == 0:
+            if budget.reference_miou is None:
+                budget.reference_miou = miou
+            return True
+        fraction = self.records[-1]["achieved_fraction"] if self.records else 0.0
+        within = budget.judge(self.steps_done, miou, trainer.current_epoch, fraction)
+        pl_module.log("pruning/miou_drop", budget.checks[-1]["drop_points"])
+        if not within:
+            self._undo_last_step(trainer, pl_module)
+        self._write_steps(trainer)
+        self._restore_point = None
+        return within
+
+    def _undo_last_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step, check = self.steps_done, self.budget.checks[-1]
+        if self._restore_point is None:
+            rank_zero_warn(f"StructuredPruning: step {step} costs {check['drop_points']:.2f} mIoU points, more than "
+                           f"max_miou_drop={self.max_miou_drop}, but it cannot be undone: it ran before the "
+                           "checkpoint this fit resumed from. The schedule stops here.")
+            return
+        network = self.network(pl_module)
+        point, current = self._restore_point, _snapshot(network)
+        event = CompressionEvent(KIND, step, network, trainer.current_epoch, trainer.global_step, plan=[])
+
+        def apply() -> nn.Module:
+            restore(network, point)
+            return network
+
+        run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, current))
+        kept = [c for c in self.budget.checks if c["within_budget"]]
+        self.records.append({"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                             "undone": True, "miou_drop_points": check["drop_points"],
+                             "achieved_fraction": kept[-1]["achieved_fraction"] if kept else 0.0})
+        rank_zero_info(f"StructuredPruning: step {step} cost {check['drop_points']:.2f} mIoU points after "
+                       f"fine-tuning (max_miou_drop {self.max_miou_drop}); undone. The fit keeps "
+                       f"{kept[-1]['achieved_fraction'] if kept else 0.0:.3f} of {self.target} removed.")
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
                 example: torch.Tensor, step: int, fraction: float) -> dict:
@@ -333,15 +460,22 @@ class StructuredPruning(CompressionCallback):
         scalars = {f"pruning/{k}": float(v) for k, v in record.items() if k != "channels_per_layer"}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-        out = self.run_dir(trainer, "pruning")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pruning_steps.json").write_text(json.dumps(self.records, indent=1))
+        self._write_steps(trainer)
         rank_zero_info(
             f"StructuredPruning step {step}/{self.schedule.steps} (epoch {trainer.current_epoch}): removed "
             f"{record['achieved_fraction']:.3f} of {self.target} (requested {record['requested_fraction']:.3f}); "
             f"params {after['params']:,} ({record['params_fraction_kept']:.2f} kept), MACs {after['macs']:,} "
             f"({record['macs_fraction_kept']:.2f} kept)."
         )
+
+    def _write_steps(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = self.run_dir(trainer, "pruning")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pruning_steps.json").write_text(json.dumps(self.records, indent=1))
+        if self.budget is not None:
+            (out / "pruning_budget.json").write_text(json.dumps(self.budget.summary(), indent=1))
 
 
 @contextlib.contextmanager

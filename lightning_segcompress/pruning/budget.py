@@ -1,0 +1,83 @@
+"""An accuracy budget for a pruning schedule: after each step has been fine-tuned, compare the network's mIoU with
+the unpruned one's; the first step that costs more than the budget is undone and the schedule stops there.
+Pure torch: the caller scores the network and decides when."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from lightning_segcompress.pruning.graph import _restore, _snapshot
+
+RestorePoint = dict[str, dict]
+
+
+def restore_point(network: nn.Module) -> RestorePoint:
+    """Everything needed to put ``network`` back exactly as it is now, even after it was pruned *and trained*:
+    like the rollback snapshot of a step, but parameters and buffers are copied (training updates survivors in
+    place). Costs one copy of the network's weights."""
+    state = _snapshot(network)
+    for attrs in state.values():
+        params = attrs.get("_parameters")
+        if params is not None:
+            for key, p in params.items():
+                if p is not None:
+                    params[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        buffers = attrs.get("_buffers")
+        if buffers is not None:
+            for key, b in buffers.items():
+                if b is not None:
+                    buffers[key] = b.detach().clone()
+    return state
+
+
+def restore(network: nn.Module, point: RestorePoint) -> None:
+    """Put ``network`` back to ``point`` (architecture, weights, buffers and compression state)."""
+    _restore(network, point)
+
+
+@dataclass
+class MiouBudget:
+    """The budget's bookkeeping, plain data (it goes into checkpoints).
+
+    ``max_miou_drop`` is in mIoU points (0-100) below ``reference_miou``, the network's mIoU right before the first
+    step; mIoU values are fractions (0-1) as measured.
+    """
+
+    max_miou_drop: float
+    reference_miou: float | None = None
+    checks: list[dict] = field(default_factory=list)
+    stopped_at_step: int | None = None  # the step that was undone; None while the budget holds
+
+    def drop_points(self, miou: float) -> float:
+        if self.reference_miou is None:
+            raise ValueError("the budget has no reference mIoU yet: measure the network before the first step.")
+        return 100.0 * (self.reference_miou - miou)
+
+    def judge(self, step: int, miou: float, epoch: int, fraction: float) -> bool:
+        """Record the check of ``step`` (already fine-tuned, the network removes ``fraction`` of the target);
+        True when it stays within the budget."""
+        drop = self.drop_points(miou)
+        within = drop <= self.max_miou_drop
+        self.checks.append({"step": step, "epoch": epoch, "miou": miou, "drop_points": drop,
+                            "achieved_fraction": fraction, "within_budget": within})
+        if not within:
+            self.stopped_at_step = step
+        return within
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at_step is not None
+
+    def summary(self) -> dict:
+        kept = [c for c in self.checks if c["within_budget"]]
+        return {**asdict(self), "achieved_fraction": kept[-1]["achieved_fraction"] if kept else 0.0,
+                "final_drop_points": kept[-1]["drop_points"] if kept else 0.0}
+
+    @classmethod
+    def from_dict(cls, state: dict | None, max_miou_drop: float) -> MiouBudget:
+        if not state:
+            return cls(max_miou_drop)
+        return cls(max_miou_drop, state.get("reference_miou"), list(state.get("checks", [])),
+                   state.get("stopped_at_step"))
