@@ -19,8 +19,9 @@ def synthetic_data(args) -> SyntheticScenesDataModule:
 
 
 def fit(args, spec: dict, epochs: int, seed: int, lr: float, root: Path, callbacks=(), weights=None,
-        bn_momentum: float | None = None) -> tuple[float, SegmentationModule]:
-    """Train ``spec`` (from ``weights`` if given) for ``epochs``; returns the final val mIoU and the module."""
+        bn_momentum: float | None = None, data=None) -> tuple[float, SegmentationModule]:
+    """Train ``spec`` (from ``weights`` if given) for ``epochs`` on ``data`` (default: :func:`synthetic_data`);
+    returns the final val mIoU and the module."""
     pl.seed_everything(seed, verbose=False)
     model = SegmentationModule(spec, num_classes=args.classes, lr=lr)
     if bn_momentum is not None:
@@ -32,5 +33,5 @@ def fit(args, spec: dict, epochs: int, seed: int, lr: float, root: Path, callbac
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
                          callbacks=list(callbacks))
-    trainer.fit(model, synthetic_data(args))
+    trainer.fit(model, data if data is not None else synthetic_data(args))
     return float(trainer.callback_metrics["val_miou"]), model

@@ -44,8 +44,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("index, expected", [(0, ["lraspp_mobilenet_v3_large", "CityscapesDataModule"]),
                                              (1, ["DeviceBenchmark", "torchscript_lite", "tile_grids"]),
                                              (2, ["StructuredPruning", "conv_stem"]),
-                                             (3, ["KnowledgeDistillation", "pixel_kl", "best.ckpt"]),
-                                             (4, ["QuantizationAwareTraining", "freeze_bn_epoch: 10"])])
+                                             (3, ["StructuredPruning", "lr_rewind_epoch: 0", "max_miou_drop: 1.0"]),
+                                             (4, ["KnowledgeDistillation", "pixel_kl", "best.ckpt"]),
+                                             (5, ["QuantizationAwareTraining", "freeze_bn_epoch: 10"])])
 def test_readme_yaml_examples_parse_with_the_cli(index, expected, tmp_path, capsys):
     from lightning_segcompress.cli import main
 
