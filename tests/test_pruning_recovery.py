@@ -171,3 +171,20 @@ def test_budget_bookkeeping():
     assert MiouBudget.from_dict(budget.summary(), 1.0) == budget
     with pytest.raises(ValueError, match="no reference mIoU"):
         MiouBudget(1.0).drop_points(0.5)
+
+
+def test_budget_does_not_undo_a_step_another_technique_built_on(caplog):
+    from types import SimpleNamespace
+
+    from lightning_segcompress.callbacks.protocol import CompressionEvent
+
+    pruning = StructuredPruning(max_miou_drop=1.0)
+    pruning._restore_point = {"": {}}
+    pruning.on_after_compression(None, None, CompressionEvent("structured_pruning", 1, None, 0, 0))
+    assert pruning._restore_point is not None  # its own steps keep it
+    pruning.on_after_compression(None, None, CompressionEvent("quantization", 1, None, 0, 0))
+    assert pruning._restore_point is None
+    pruning.budget = MiouBudget(1.0, reference_miou=0.5, checks=[{"step": 1, "drop_points": 5.0}])
+    pruning.steps_done = 1
+    with pytest.warns(UserWarning, match="another technique .* has changed the network since"):
+        pruning._undo_last_step(SimpleNamespace(), None)

@@ -216,6 +216,11 @@ class StructuredPruning(CompressionCallback):
         remove_checkpoint_restore(pl_module)
         self._evaluate = self._restore_point = None
 
+    def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             event: CompressionEvent) -> None:
+        if event.kind != KIND:  # another technique changed the network (e.g. QAT): the restore point is stale
+            self._restore_point = None
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.budget is None:
             return
@@ -364,7 +369,8 @@ class StructuredPruning(CompressionCallback):
         if self._restore_point is None:
             rank_zero_warn(f"StructuredPruning: step {step} costs {check['drop_points']:.2f} mIoU points, more than "
                            f"max_miou_drop={self.max_miou_drop}, but it cannot be undone: it ran before the "
-                           "checkpoint this fit resumed from. The schedule stops here.")
+                           "checkpoint this fit resumed from, or another technique (e.g. quantization) has changed "
+                           "the network since. The schedule stops here.")
             return
         network = self.network(pl_module)
         point, current = self._restore_point, _snapshot(network)
