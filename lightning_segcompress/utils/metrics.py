@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -12,6 +12,21 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
 
 Evaluator = Callable[[nn.Module], float]
+
+
+def logits_at_masks(network: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) \
+        -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, masks)`` per batch of ``(images, masks)``, on the network's device: eval mode, no gradients,
+    logits resized (bilinear) to the masks when their sizes differ."""
+    device = module_device(network)
+    with evaluation_mode(network), torch.no_grad():
+        for images, masks in batches:
+            images, masks = images.to(device), masks.to(device)
+            logits = extract_logits(network(images))
+            if logits.shape[-2:] != masks.shape[-2:]:
+                logits = nn.functional.interpolate(logits, size=masks.shape[-2:], mode="bilinear",
+                                                   align_corners=False)
+            yield logits, masks
 
 
 def miou_evaluator(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
@@ -27,14 +42,8 @@ def miou_evaluator(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_cla
         # local to this process: callers decide on one rank (or on each) and broadcast, never sync mid-decision
         metric = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index,
                                         sync_on_compute=False).to(device)
-        with evaluation_mode(network):
-            for images, masks in batches:
-                images, masks = images.to(device), masks.to(device)
-                logits = extract_logits(network(images))
-                if logits.shape[-2:] != masks.shape[-2:]:
-                    logits = nn.functional.interpolate(logits, size=masks.shape[-2:], mode="bilinear",
-                                                       align_corners=False)
-                metric.update(logits.argmax(1), masks)
+        for logits, masks in logits_at_masks(network, batches):
+            metric.update(logits.argmax(1), masks)
         return float(metric.compute())
 
     return evaluate

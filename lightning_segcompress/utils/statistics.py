@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
+from lightning_segcompress.utils.metrics import logits_at_masks
 
 NO_DIFFERENCE = "no measurable difference"
 
@@ -54,23 +54,14 @@ def confusion_matrices(predictions: torch.Tensor, masks: torch.Tensor, num_class
     return torch.bincount(index, minlength=n * num_classes * num_classes).view(n, num_classes, num_classes)
 
 
-@torch.no_grad()
 def per_image_confusion(network: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                         num_classes: int | None = None, ignore_index: int | None = 255) -> torch.Tensor:
     """``network``'s per-image confusion matrices on ``batches`` of ``(images, masks)`` (eval mode, no gradients,
     logits resized to the masks as :func:`~.metrics.miou_evaluator` does): ``[num_images, C, C]`` int64 on the
     CPU, images in batch order. ``num_classes`` defaults to the logits' channels."""
-    device = module_device(network)
-    matrices = []
-    with evaluation_mode(network):
-        for images, masks in batches:
-            images, masks = images.to(device), masks.to(device)
-            logits = extract_logits(network(images))
-            if logits.shape[-2:] != masks.shape[-2:]:
-                logits = nn.functional.interpolate(logits, size=masks.shape[-2:], mode="bilinear",
-                                                   align_corners=False)
-            classes = logits.shape[1] if num_classes is None else num_classes
-            matrices.append(confusion_matrices(logits.argmax(1), masks, classes, ignore_index).cpu())
+    matrices = [confusion_matrices(logits.argmax(1), masks, logits.shape[1] if num_classes is None else num_classes,
+                                   ignore_index).cpu()
+                for logits, masks in logits_at_masks(network, batches)]
     if not matrices:
         raise ValueError("no batches: per-image confusion matrices need validation batches with labels.")
     return torch.cat(matrices)
