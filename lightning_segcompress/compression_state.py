@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -20,6 +21,11 @@ from torch import nn
 from lightning_segcompress.utils.inspection import find_network
 
 STAGES_ATTRIBUTE = "_segcompress_stages"
+# a network whose own state dict cannot be loaded back (e.g. a converted PT2E graph, whose scales are constants)
+# keeps here the state dict that checkpoints store instead ...
+CHECKPOINT_STATE_ATTRIBUTE = "_segcompress_checkpoint_state"
+# ... and its replayed stand-in keeps here the function that turns it into the real network once that state loaded
+AFTER_LOAD_ATTRIBUTE = "_segcompress_after_load"
 CHECKPOINT_KEY = "segcompress"
 FORMAT_VERSION = 1
 # stage kind -> "module:function(network, stage, applied_stage_or_None)" that brings the network to ``stage``;
@@ -86,8 +92,42 @@ def write_to_checkpoint(checkpoint: dict, module: nn.Module, network_attribute: 
     network = find_network(module, network_attribute) if network_attribute != "" else module
     stages = get_stages(network)
     if stages:
-        checkpoint[CHECKPOINT_KEY] = {"version": FORMAT_VERSION, "network_attribute": network_path(module, network),
-                                      "stages": stages}
+        path = network_path(module, network)
+        checkpoint[CHECKPOINT_KEY] = {"version": FORMAT_VERSION, "network_attribute": path, "stages": stages}
+        stored = network.__dict__.get(CHECKPOINT_STATE_ATTRIBUTE)
+        if stored is not None and isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = _substitute_state(checkpoint["state_dict"], path, stored)
+
+
+def _substitute_state(state: dict, path: str, stored: dict) -> OrderedDict:
+    """``state`` with the entries under ``path`` replaced by ``stored``; the modules' version metadata is kept
+    (without it, loading treats modules as their oldest version: torchao observers then reset ``eps``)."""
+    prefix = path + "." if path else ""
+    merged = OrderedDict((k, v) for k, v in state.items() if not k.startswith(prefix))
+    merged.update((prefix + k, v) for k, v in stored.items())
+    metadata = {k: v for k, v in getattr(state, "_metadata", {}).items() if not (k == path or k.startswith(prefix))}
+    metadata.update({(prefix + k if k else path): v for k, v in getattr(stored, "_metadata", {}).items()})
+    merged._metadata = metadata
+    return merged
+
+
+def finish_loading(network: nn.Module) -> nn.Module:
+    """The network that a replayed stand-in becomes once its weights are loaded (``network`` itself if none)."""
+    after_load = network.__dict__.pop(AFTER_LOAD_ATTRIBUTE, None)
+    return network if after_load is None else after_load(network)
+
+
+def _finish_after_load(module: nn.Module, path: str) -> None:
+    """Once ``module``'s state dict is loaded, replace the stand-in at ``path`` by its :func:`finish_loading`."""
+    if "_segcompress_after_load_hook" in module.__dict__:
+        return
+
+    def hook(mod: nn.Module, incompatible) -> None:
+        module.__dict__.pop("_segcompress_after_load_hook").remove()
+        if not incompatible.missing_keys:  # otherwise load_state_dict raises next
+            replace_network(mod, path, finish_loading(mod.get_submodule(path)))
+
+    module.__dict__["_segcompress_after_load_hook"] = module.register_load_state_dict_post_hook(hook)
 
 
 def replace_network(module: nn.Module, path: str, network: nn.Module) -> None:
@@ -112,6 +152,8 @@ def restore_from_checkpoint(module: nn.Module, checkpoint: dict) -> nn.Module:
     path = entry.get("network_attribute", "")
     network = module.get_submodule(path) if path else module
     restored = apply_stages(network, entry["stages"])
+    if path and AFTER_LOAD_ATTRIBUTE in restored.__dict__:
+        _finish_after_load(module, path)
     if restored is network:
         return module
     if not path:
@@ -137,7 +179,7 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
     model = restore_from_checkpoint(model, checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
     model.load_state_dict(state_dict, strict=strict)
-    return model
+    return finish_loading(model)
 
 
 def load_network_weights(network: nn.Module, path: str | os.PathLike, error: type[Exception] = ValueError,
@@ -156,6 +198,6 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike, error: typ
         candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if set(candidate) == wanted:
             network.load_state_dict(candidate)
-            return network
+            return finish_loading(network)
     raise error(f"{path} holds no weights for {type(network).__name__}: its keys (e.g. {list(state)[:3]}) do not "
                 f"match the network's (e.g. {list(wanted)[:3]}). {hint}")

@@ -1,6 +1,9 @@
 """QuantizationAwareTraining / PostTrainingQuantization on Lightning: fit, int8 after fit, resume, test(ckpt_path),
 prune -> QAT -> export, KD + QAT, YAML, errors."""
 
+import subprocess
+import sys
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -43,7 +46,7 @@ class StageProbe(pl.Callback):
 def test_qat_fx_prepares_at_start_epoch_and_fit_ends_with_an_int8_network_that_validate_evaluates(tmp_path):
     pl.seed_everything(0)
     model = SegmentationModule(SMP_UNET, num_classes=4)
-    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=2)
+    qat = QuantizationAwareTraining(backend="fx", start_epoch=1, freeze_bn_epoch=2, freeze_observer_epoch=2)
     probe = StageProbe()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, callbacks=[probe, qat]))
     trainer.fit(model, _data())
@@ -60,7 +63,7 @@ def test_qat_fx_prepares_at_start_epoch_and_fit_ends_with_an_int8_network_that_v
 def test_qat_on_a_torchvision_mobilenetv3_with_dict_output(tmp_path):
     pl.seed_everything(0)
     model = SegmentationModule(TV_LRASPP, num_classes=4)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining(backend="fx")]))
     trainer.fit(model, _data())
     assert has_int8_modules(model.net)
     assert isinstance(model.net(torch.randn(1, 3, 64, 64)), dict)
@@ -72,7 +75,8 @@ def test_resume_mid_qat_and_test_with_ckpt_path_evaluate_the_restored_network(tm
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     model = SegmentationModule(SMP_UNET, num_classes=4)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True,
-                                          callbacks=[QuantizationAwareTraining(start_epoch=0), checkpoints]))
+                                          callbacks=[QuantizationAwareTraining(backend="fx", start_epoch=0),
+                                                     checkpoints]))
     trainer.fit(model, _data())
     mid_qat = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     assert torch.load(mid_qat, weights_only=True)["segcompress"]["stages"][0]["converted"] is False
@@ -80,13 +84,14 @@ def test_resume_mid_qat_and_test_with_ckpt_path_evaluate_the_restored_network(tm
     # resume: the network is prepared again before the weights load, training goes on, the fit ends in int8
     resumed = SegmentationModule(SMP_UNET, num_classes=4)
     probe = StageProbe()
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[probe, QuantizationAwareTraining()]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2,
+                                          callbacks=[probe, QuantizationAwareTraining(backend="fx")]))
     trainer.fit(resumed, _data(), ckpt_path=str(mid_qat))
     assert probe.states == ["prepared"] and has_int8_modules(resumed.net)
 
     # test(ckpt_path) after QAT: the callback converts the restored fake-quant network to int8 first
     fresh = SegmentationModule(SMP_UNET, num_classes=4)
-    tester = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining()]))
+    tester = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining(backend="fx")]))
     results = tester.test(fresh, _data(), ckpt_path=str(mid_qat))[0]
     assert has_int8_modules(fresh.net) and "test_miou" in results
 
@@ -103,7 +108,7 @@ def test_prune_then_qat_then_export_in_one_fit(tmp_path):
     bench = DeviceBenchmark(input_size=[64, 64], runtimes=["torchscript_lite"], runs=2, warmup=1,
                             isolate=False, output_dir=str(tmp_path / "bench"))
     callbacks = [StructuredPruning(amount=0.5, start_epoch=0, input_size=[64, 64]),
-                 QuantizationAwareTraining(start_epoch=1), bench]
+                 QuantizationAwareTraining(backend="fx", start_epoch=1), bench]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=callbacks))
     trainer.fit(model, _data())
     kinds = [s["kind"] for s in model.net._segcompress_stages]
@@ -133,7 +138,7 @@ def test_kd_and_qat_compose_on_a_plain_lightning_module(tmp_path):
     model = UserModule()
     kd = KnowledgeDistillation(teacher="snapshot", losses={"pixel_kl": 1.0})
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_val_batches=0,
-                                          callbacks=[kd, QuantizationAwareTraining(start_epoch=1)]))
+                                          callbacks=[kd, QuantizationAwareTraining(backend="fx", start_epoch=1)]))
     trainer.fit(model, _data())
     assert has_int8_modules(model.segmenter)
     assert kd.distiller.student is not None and "kd/pixel_kl_epoch" in trainer.callback_metrics
@@ -146,7 +151,7 @@ def test_ptq_with_no_training_calibrates_and_converts(tmp_path):
     pl.seed_everything(0)
     model = SegmentationModule(SMP_UNET, num_classes=4)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=0,
-                                          callbacks=[PostTrainingQuantization(calibration_batches=2)]))
+                                          callbacks=[PostTrainingQuantization(backend="fx", calibration_batches=2)]))
     trainer.fit(model, _data())
     assert has_int8_modules(model.net) and quantization_stage(model.net)["config"]["qat"] is False
     assert "val_miou" in trainer.validate(model, _data())[0]
@@ -172,18 +177,39 @@ def test_pt2e_qat_fit_ends_with_a_quantize_dequantize_graph(tmp_path):
     assert entry["status"] == "ok", entry
     assert entry["argmax_agreement"] >= settings.int8_agreement and entry["max_abs_diff"] > 0
 
+    # a checkpoint written after conversion restores the int8 model exactly, in a process without the callback
+    trainer.save_checkpoint(tmp_path / "int8.ckpt")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.save(images, tmp_path / "images.pt")
+    with torch.no_grad():
+        expected = model.eval()(images)
+    script = (
+        "import sys, torch\n"
+        "from lightning_segcompress import SegmentationModule\n"
+        "from lightning_segcompress.quantization import quantization_stage\n"
+        "model = SegmentationModule.load_from_checkpoint(sys.argv[1] + '/int8.ckpt', weights_only=True).eval()\n"
+        "assert quantization_stage(model.net)['converted']\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(torch.load(sys.argv[1] + '/images.pt')), sys.argv[1] + '/restored.pt')\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "restored.pt"), expected)
+
 
 def test_bad_arguments_and_unknown_keep_float_names(tmp_path):
+    assert QuantizationAwareTraining().config.backend == PostTrainingQuantization().config.backend == "pt2e"
     with pytest.raises(ValueError, match="backend must be one of"):
         QuantizationAwareTraining(backend="tensorrt")
     with pytest.raises(ValueError, match="engine must be one of"):
-        QuantizationAwareTraining(engine="fbgemm2")
+        QuantizationAwareTraining(backend="fx", engine="fbgemm2")
     with pytest.raises(ValueError, match="freeze_bn_epoch .* must not come before start_epoch"):
-        QuantizationAwareTraining(start_epoch=3, freeze_bn_epoch=1)
+        QuantizationAwareTraining(backend="fx", start_epoch=3, freeze_bn_epoch=1)
     with pytest.raises(ValueError, match="calibration_batches must be positive"):
         PostTrainingQuantization(calibration_batches=0)
     model = SegmentationModule(SMP_UNET, num_classes=4)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[QuantizationAwareTraining(keep_float=["decoder.nope"])]))
+    qat = QuantizationAwareTraining(backend="fx", keep_float=["decoder.nope"])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[qat]))
     with pytest.raises(QuantizationError, match=r"keep_float \['decoder.nope'\] match no layer"):
         trainer.fit(model, _data())
 

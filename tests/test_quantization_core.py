@@ -211,3 +211,59 @@ def test_pt2e_lowers_to_an_int8_executorch_program_smaller_than_fp32(tmp_path):
     with torch.no_grad():
         fake, real = prepared(images), int8(images)
     assert (real.argmax(1) == fake.argmax(1)).float().mean() > 0.95
+
+
+def test_pt2e_keep_float_leaves_the_named_modules_float_and_quantizes_the_rest():
+    pytest.importorskip("executorch")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1)])
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.blocks[0](self.stem(x)))
+
+    def int8_weight(node):  # a quantized conv reads its weight through a dequantize
+        return "dequantize" in str(getattr(node.args[1], "target", ""))
+
+    for keep_float, expected in (((), [True, True, True]), (("blocks.0",), [True, False, True]),
+                                 (("stem",), [False, True, True])):
+        config = QuantizationConfig(backend="pt2e", qat=False, keep_float=keep_float, example_shape=(2, 3, 16, 16))
+        prepared = prepare_network(Net().eval(), config)
+        calibrate(prepared, [torch.randn(2, 3, 16, 16)])
+        graph = convert_network(prepared).graph
+        convs = [n for n in graph.nodes if "conv2d" in str(n.target)]
+        assert [int8_weight(n) for n in convs] == expected, keep_float
+
+
+@pytest.mark.slow
+def test_converted_pt2e_checkpoint_restores_the_same_int8_model_in_a_fresh_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("executorch")
+    net, images, masks = _trained_unet(steps=5)
+    int8 = convert_network(_qat(net, QuantizationConfig(backend="pt2e"), images, masks, steps=2))
+    checkpoint = {"state_dict": int8.state_dict()}
+    write_to_checkpoint(checkpoint, int8, "")
+    torch.save(checkpoint, tmp_path / "int8.pt")
+    torch.save(images, tmp_path / "images.pt")
+    with torch.no_grad():
+        expected = int8(images)
+    script = (
+        "import json, sys, torch\n"
+        "from lightning_segcompress import load_compressed\n"
+        "from lightning_segcompress.models import build_network\n"
+        "from lightning_segcompress.quantization import quantization_stage\n"
+        "net = load_compressed(build_network(json.loads(sys.argv[2]), num_classes=4), sys.argv[1] + '/int8.pt')\n"
+        "assert quantization_stage(net)['converted']\n"
+        "with torch.no_grad():\n"
+        "    torch.save(net(torch.load(sys.argv[1] + '/images.pt')), sys.argv[1] + '/restored.pt')\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(SMP_UNET)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "restored.pt"), expected)

@@ -153,9 +153,10 @@ class QuantizationAwareTraining(QuantizationCallback):
     fake-quant network to int8 first.
 
     Args:
-        backend: ``"fx"`` (int8 modules for eager and the TorchScript lite interpreter, CPU) or ``"pt2e"`` (for
-            ExecuTorch/XNNPACK; needs executorch).
-        engine: FX quantized engine, ``"x86"`` (fast on x86 CPUs) or ``"qnnpack"`` (ARM).
+        backend: ``"pt2e"`` (default: torch.export + torchao PT2E with the XNNPACK quantizer; int8 on ExecuTorch,
+            needs executorch) or ``"fx"`` (legacy: torch.ao FX int8 modules for eager and the TorchScript lite
+            interpreter, CPU; torch.ao FX quantization and TorchScript are deprecated upstream).
+        engine: FX quantized engine, ``"x86"`` (fast on x86 CPUs) or ``"qnnpack"`` (ARM); ignored by pt2e.
         start_epoch: the epoch at which fake quantization starts (e.g. after pruning finished).
         freeze_bn_epoch: from this epoch on, BN running statistics stop updating (None: never).
         freeze_observer_epoch: from this epoch on, quantization ranges stay fixed (None: never).
@@ -170,8 +171,8 @@ class QuantizationAwareTraining(QuantizationCallback):
 
         trainer = Trainer(max_epochs=12, callbacks=[
             StructuredPruning(amount=0.5, schedule="agp", start_epoch=1, end_epoch=4, steps=3),
-            QuantizationAwareTraining(backend="fx", start_epoch=6, freeze_bn_epoch=10, freeze_observer_epoch=11),
-            DeviceBenchmark(runtimes=["torchscript_lite"])])
+            QuantizationAwareTraining(start_epoch=6, freeze_bn_epoch=10, freeze_observer_epoch=11),
+            DeviceBenchmark(runtimes=["executorch"])])
     """
 
     qat = True
@@ -179,7 +180,7 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def __init__(
         self,
-        backend: str = "fx",
+        backend: str = "pt2e",
         engine: str = "x86",
         start_epoch: int = 0,
         freeze_bn_epoch: int | None = None,
@@ -233,7 +234,7 @@ class PostTrainingQuantization(QuantizationCallback):
     qat = False
     pre_int8_label = "float"
 
-    def __init__(self, backend: str = "fx", engine: str = "x86", calibration_batches: int = 16,
+    def __init__(self, backend: str = "pt2e", engine: str = "x86", calibration_batches: int = 16,
                  keep_float: list[str] | None = None, per_channel: bool = True, input_size: list[int] | None = None,
                  monitor: str = "val_miou", network_attribute: str | None = None) -> None:
         if calibration_batches <= 0:

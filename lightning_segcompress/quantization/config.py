@@ -19,12 +19,14 @@ class QuantizationError(RuntimeError):
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """``backend="fx"``: torch.ao FX graph mode with ``engine`` (``x86`` or ``qnnpack``); ``"pt2e"``:
-    torch.export + torchao PT2E with the XNNPACK quantizer (for ExecuTorch). ``qat=False`` inserts observers
+    """``backend="pt2e"`` (default): torch.export + torchao PT2E with the XNNPACK quantizer, int8 on ExecuTorch;
+    ``"fx"`` (legacy): torch.ao FX graph mode with ``engine`` (``x86`` or ``qnnpack``), int8 modules for eager and
+    the TorchScript lite interpreter; torch.ao FX quantization and TorchScript are deprecated upstream and FX is
+    kept for that route only. ``qat=False`` inserts observers
     only (post-training quantization). ``keep_float`` are module names left in float (FX: not traced either).
     ``example_shape`` is the ``[N, C, H, W]`` input used to trace (PT2E keeps the batch dimension dynamic)."""
 
-    backend: str = "fx"
+    backend: str = "pt2e"
     engine: str = "x86"
     qat: bool = True
     keep_float: tuple[str, ...] = ()

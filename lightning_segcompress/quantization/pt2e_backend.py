@@ -27,9 +27,24 @@ def _quantizer(config: QuantizationConfig):
                                 "pip install 'lightning-segcompress[executorch]'.") from err
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=config.per_channel, is_qat=config.qat))
-    for name in config.keep_float:
-        quantizer.set_module_name(name, None)
+    if config.keep_float:  # the quantizer's set_module_name(name, None) asserts: filter the graph's nodes instead
+        quantizer.set_filter_function(_outside(config.keep_float))
     return quantizer
+
+
+def _outside(module_names: tuple[str, ...]):
+    """A node filter: True for nodes that torch.export did not trace inside one of ``module_names``."""
+    def keep(node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack", {})
+        paths = {_module_path(path) for path, _ in stack.values()}
+        return not any(path == name or path.startswith(name + ".") for path in paths for name in module_names)
+    return keep
+
+
+def _module_path(export_path: str) -> str:
+    """torch.export's ``L['self'].encoder.layer1[0]`` (or ``encoder.layer1.0``) -> ``encoder.layer1.0``."""
+    path = export_path.removeprefix("L['self']").removeprefix("L__self__").lstrip(".")
+    return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
 def export_network(network: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:

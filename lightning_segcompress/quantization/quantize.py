@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import carry_stages, get_stages, set_stage
+from lightning_segcompress.compression_state import (
+    CHECKPOINT_STATE_ATTRIBUTE,
+    carry_stages,
+    get_stages,
+    set_stage,
+)
 from lightning_segcompress.quantization import fx_backend, pt2e_backend
 from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
 from lightning_segcompress.utils.inspection import example_input
@@ -47,8 +54,12 @@ def convert_network(prepared: nn.Module) -> nn.Module:
     """
     stage = _require_stage(prepared, converted=False)
     config = QuantizationConfig.from_dict(stage["config"])
-    converted = (fx_backend.convert_fx(prepared, config) if config.backend == "fx"
-                 else pt2e_backend.convert_pt2e(prepared))
+    if config.backend == "fx":
+        converted = fx_backend.convert_fx(prepared, config)
+    else:
+        converted = pt2e_backend.convert_pt2e(prepared)
+        # its scales are graph constants: checkpoints store the prepared state, converted again on load
+        converted.__dict__[CHECKPOINT_STATE_ATTRIBUTE] = _cpu_copy(prepared.state_dict())
     carry_stages(prepared, converted)
     set_stage(converted, {**stage, "converted": True})
     return converted
@@ -96,3 +107,9 @@ def _require_stage(network: nn.Module, converted: bool) -> dict:
     if stage["converted"] != converted:
         raise QuantizationError(f"{type(network).__name__} is already converted to int8.")
     return stage
+
+
+def _cpu_copy(state: dict) -> OrderedDict:
+    copied = OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+    copied._metadata = copy.deepcopy(getattr(state, "_metadata", {}))  # module versions, as torch.save keeps them
+    return copied
