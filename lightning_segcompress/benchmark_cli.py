@@ -60,6 +60,7 @@ def benchmark(
     warmup: int = 3,
     runs: int = 10,
     atol: float = 1e-3,
+    profile: bool = True,
     output_dir: str = "runs/benchmark",
 ) -> dict:
     """Benchmark a model from a checkpoint or a network spec; optionally compare it with a baseline.
@@ -79,10 +80,12 @@ def benchmark(
         warmup: untimed calls before timing.
         runs: timed calls.
         atol: largest accepted absolute output difference to eager.
+        profile: also record the time per operator of every runtime (separate runs after the timed ones).
         output_dir: where the exported models, benchmark.json and benchmark.md go.
     """
     settings = BenchmarkSettings(input_shape=input_shape(input_size, batch_size, owner="segcompress-benchmark"),
-                                 runtimes=tuple(runtimes), threads=threads, warmup=warmup, runs=runs, tolerance=atol)
+                                 runtimes=tuple(runtimes), threads=threads, warmup=warmup, runs=runs, tolerance=atol,
+                                 profile=profile)
     out = Path(output_dir)
     stages: dict[str, dict] = {}
     if baseline_checkpoint is not None or baseline_network is not None:

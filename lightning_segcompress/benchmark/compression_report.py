@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_segcompress.benchmark.report import format_value
+from lightning_segcompress.benchmark.profile import top_ops
+from lightning_segcompress.benchmark.report import (
+    ACCURACY_INTRO,
+    PROFILE_INTRO,
+    accuracy_rows,
+    format_value,
+    profile_blocks,
+)
 from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
 from lightning_segcompress.utils.statistics import paired_bootstrap, per_class_iou
 
@@ -320,15 +327,37 @@ def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict],
     class_intro = ("IoU per class (x100) on the same validation images; — where a class is in neither the "
                    "ground truth nor the prediction.")
     class_section = ["## IoU per class", class_intro, _markdown(class_header, class_rows)] if class_header else []
+    accuracy_header, accuracy_table_rows = accuracy_rows(stages)
+    accuracy_part = ["## Exported-file accuracy", ACCURACY_INTRO, _markdown(accuracy_header, accuracy_table_rows)] \
+        if accuracy_header else []
+    blocks = profile_blocks(stages)
+    profile_part = ["## Operator profile", PROFILE_INTRO] if blocks else []
+    for block in blocks:
+        profile_part.append(f"### {block['title']}")
+        if block["rows"]:
+            profile_part.append(_markdown(block["header"], block["rows"]))
+        if block["lines"]:
+            profile_part.append("\n".join(f"- {line}" for line in block["lines"]))
     images = [f"![{name}]({path.name})" for name, path in written.items()]
     markdown = "\n\n".join(["# Compression report", intro, compression_table(stages), *class_section,
-                             *images]) + "\n"
+                             *accuracy_part, *profile_part, *images]) + "\n"
     (output_dir / "compression_report.md").write_text(markdown)
     written["markdown"] = output_dir / "compression_report.md"
     table = _html_table(*stage_rows(stages))
     if class_header:
         table += (f"\n<h2>IoU per class</h2>\n<p>{html.escape(class_intro)}</p>\n"
                   f"{_html_table(class_header, class_rows)}")
+    if accuracy_header:
+        table += (f"\n<h2>Exported-file accuracy</h2>\n<p>{html.escape(ACCURACY_INTRO)}</p>\n"
+                  f"{_html_table(accuracy_header, accuracy_table_rows)}")
+    if blocks:
+        table += f"\n<h2>Operator profile</h2>\n<p>{html.escape(PROFILE_INTRO)}</p>"
+        for block in blocks:
+            table += f"\n<h3>{html.escape(block['title'])}</h3>\n"
+            if block["rows"]:
+                table += _html_table(block["header"], block["rows"])
+            if block["lines"]:
+                table += "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in block["lines"]) + "</ul>"
     body = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(n)}"></p>' for n, p in written.items()
                      if p.suffix == ".png")
     (output_dir / "compression_report.html").write_text(
@@ -338,7 +367,8 @@ def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict],
         f"<p>{html.escape(intro)}</p>\n{table}\n{body}\n</body></html>\n")
     written["html"] = output_dir / "compression_report.html"
     summary = {name: {"techniques": content.get("techniques") or [], "miou": content.get("miou"),
-                      "miou_change": content.get("miou_change"), "per_class_iou": content.get("per_class_iou")}
+                      "miou_change": content.get("miou_change"), "per_class_iou": content.get("per_class_iou"),
+                      "exported": exported_summary(content)}
                for name, content in stages.items()}
     classes = max((len(c["per_class_iou"]) for c in summary.values() if c["per_class_iou"]), default=0)
     names = list(class_names) if class_names is not None and len(class_names) == classes else None
@@ -346,6 +376,22 @@ def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict],
         {"settings": dict(settings), "level": CONFIDENCE, "class_names": names, "stages": summary}, indent=1))
     written["json"] = output_dir / "compression_report.json"
     return written
+
+
+def exported_summary(content: Mapping) -> dict[str, dict]:
+    """Per runtime of a stage: ``accuracy`` (file vs eager val mIoU), ``top_ops`` (10 most expensive),
+    ``not_delegated`` and ``float_islands`` (None where not applicable), for the report's JSON."""
+    summary = {}
+    for runtime, entry in content["report"].get("runtimes", {}).items():
+        profile = entry.get("profile") or {}
+        if not entry.get("accuracy") and not profile:
+            continue
+        ok = profile.get("status") == "ok"
+        summary[runtime] = {"accuracy": entry.get("accuracy"), "top_ops": top_ops(profile),
+                            "not_delegated": profile.get("not_delegated") if ok else None,
+                            "float_islands": profile.get("float_islands") if ok else None,
+                            "profile_error": None if ok or not profile else profile.get("error")}
+    return summary
 
 
 def predicted_classes(network: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ExecuTorchProgram", "executorch_available", "export_executorch"]
+__all__ = ["ExecuTorchProgram", "delegate_dtype", "executorch_available", "export_executorch"]
 
 _INSTALL_HINT = "pip install 'lightning-segcompress[executorch]'"
 _XNNPACK_BACKEND = "XnnpackBackend"
@@ -59,38 +59,114 @@ def _op_name(node: torch.fx.Node) -> str:
     return getattr(target, "__name__", None) or str(target)
 
 
+_CONVERSION_MARKERS = ("quantize_per_", "dequantize_per_", "choose_qparams")
+_FUSED_ACTIVATIONS = ("relu", "hardtanh", "clamp")  # XNNPACK folds these into the int8 op before them
+
+
+def _is_conversion(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and any(m in _op_name(node) for m in _CONVERSION_MARKERS)
+
+
+def _is_dequantize(node: torch.fx.Node) -> bool:
+    return _is_conversion(node) and "dequantize" in _op_name(node)
+
+
+def _is_quantize(node: torch.fx.Node) -> bool:
+    return _is_conversion(node) and "dequantize" not in _op_name(node) and "choose_qparams" not in _op_name(node)
+
+
+def _is_compute(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is not operator.getitem and not _is_conversion(node)
+            and "executorch_call_delegate" not in _op_name(node))
+
+
+def _delegated_dtypes(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
+    """int8 / float of each compute op of a delegated (XNNPACK) graph: int8 where the op reads only dequantized
+    tensors (parameters aside) and its result is only quantized again, directly or through one activation that
+    XNNPACK fuses (the PT2E pattern dq -> op -> q that XNNPACK runs as one int8 op); float otherwise."""
+    def reads_dequantized(node):
+        inputs = [n for n in node.all_input_nodes if n.op == "call_function"]
+        return bool(inputs) and all(_is_dequantize(n) for n in inputs)
+
+    def quantized_after(node):
+        return bool(node.users) and all(_is_quantize(u) for u in node.users)
+
+    dtypes: dict[torch.fx.Node, str] = {}
+    for node in graph.nodes:
+        if not _is_compute(node) or node in dtypes:
+            continue
+        dtypes[node] = "float"
+        if not reads_dequantized(node):
+            continue
+        if quantized_after(node):
+            dtypes[node] = "int8"
+            continue
+        users = list(node.users)
+        if len(users) == 1 and any(a in _op_name(users[0]) for a in _FUSED_ACTIVATIONS) and \
+                quantized_after(users[0]):
+            dtypes[node] = dtypes[users[0]] = "int8"
+    return dtypes
+
+
 def _delegation_summary(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
-    """Count what the partitioner delegated, from the lowered (edge) graph. ``getitem`` plumbing is not counted."""
+    """Count what the partitioner delegated, from the lowered (edge) graph. ``getitem`` plumbing is not counted.
+
+    Also the op composition: ``ops``, one entry per ``(op, delegated, dtype)`` with its ``count`` (compute ops only,
+    quantize/dequantize conversions counted apart in ``conversions``), most frequent first. A delegated op is int8
+    where XNNPACK runs it on int8 data (see :func:`_delegated_dtypes`); a non-delegated op runs on a portable kernel
+    in float (an int8 model dequantizes before it). ``quantized`` says whether the graph has quantize/dequantize
+    ops at all; in a quantized graph the float compute ops are its ``float_islands`` (same format as ``ops``)."""
     partitions = 0
     delegated = 0
     not_delegated: Counter[str] = Counter()
+    composition: Counter[tuple[str, bool, str]] = Counter()
+    conversions = 0
     for node in graph_module.graph.nodes:
         if node.op == "get_attr" and str(node.target).startswith("lowered_module_"):
             partitions += 1
             lowered = getattr(graph_module, str(node.target))
-            delegated += sum(
-                1
-                for n in lowered.original_module.graph.nodes
-                if n.op == "call_function" and n.target is not operator.getitem
-            )
+            inner = lowered.original_module.graph
+            delegated += sum(1 for n in inner.nodes if n.op == "call_function" and n.target is not operator.getitem)
+            conversions += sum(1 for n in inner.nodes if _is_conversion(n))
+            for n, dtype in _delegated_dtypes(inner).items():
+                composition[(_op_name(n), True, dtype)] += 1
         elif node.op == "call_function" and node.target is not operator.getitem:
             name = _op_name(node)
             if "executorch_call_delegate" not in name:
                 not_delegated[name] += 1
+                if _is_conversion(node):
+                    conversions += 1
+                else:
+                    composition[(name, False, "float")] += 1
+    ops = [{"op": op, "delegated": is_delegated, "dtype": dtype, "count": count}
+           for (op, is_delegated, dtype), count in sorted(composition.items(), key=lambda kv: (-kv[1], kv[0]))]
+    quantized = conversions > 0
     return {
         "partitions": partitions,
         "delegated_nodes": delegated,
         "non_delegated_nodes": sum(not_delegated.values()),
         "non_delegated_ops": dict(sorted(not_delegated.items())),
+        "ops": ops,
+        "conversions": conversions,
+        "quantized": quantized,
+        "float_islands": [o for o in ops if o["dtype"] == "float"] if quantized else None,
     }
+
+
+def delegate_dtype(ops: list[dict] | None) -> str | None:
+    """The dtype of every delegated compute op in an export's ``ops`` where they all agree, else None."""
+    dtypes = {o["dtype"] for o in ops or [] if o["delegated"]}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def export_executorch(model: nn.Module, example: torch.Tensor, path: str | Path) -> dict[str, Any]:
     """Export ``model`` at the static shape of ``example``, lower it to XNNPACK and write a ``.pte`` to ``path``.
 
     ``model`` should be in eval mode and return a single tensor (wrap dict/tuple outputs before calling).
-    Returns ``{"path", "size_bytes", "partitions", "delegated_nodes", "non_delegated_nodes", "non_delegated_ops"}``
-    where the counts describe how much of the graph went to XNNPACK (``getitem`` plumbing excluded).
+    Returns ``{"path", "size_bytes", "partitions", "delegated_nodes", "non_delegated_nodes", "non_delegated_ops",
+    "ops", "conversions", "quantized", "float_islands"}`` where the counts describe how much of the graph went to
+    XNNPACK (``getitem`` plumbing excluded) and ``ops`` is the op composition with each op's dtype (see
+    :func:`_delegation_summary`).
     Raises on any failure (``ImportError`` when executorch is missing, export/lowering errors otherwise).
     """
     try:

@@ -140,6 +140,7 @@ def write_report(output_dir: str | Path, stages: dict[str, dict], settings: dict
         f"{settings.get('warmup')} warm-up + {settings.get('runs')} timed runs.\n"
         "Ratios are baseline / this stage (> 1 = faster, smaller, fewer MACs); "
         "efficiency = speedup / MACs ratio.\n\n" + markdown_table(stages) + "\n" + _memory_section(stages)
+        + accuracy_section(stages) + profile_section(stages)
     )
     return json_path, md_path
 
@@ -163,6 +164,10 @@ def flat_metrics(stage: str, report: dict, ratios: dict | None = None) -> dict[s
         for key in ("median_ms", "p90_ms", "size_mb", "peak_rss_mb", "model_peak_mb"):
             if entry.get(key) is not None:
                 metrics[f"benchmark/{stage}/{runtime}/{key}"] = float(entry[key])
+        accuracy = entry.get("accuracy") or {}
+        for key, name in (("miou", "file_miou"), ("gap_points", "miou_gap_points")):
+            if accuracy.get(key) is not None:
+                metrics[f"benchmark/{stage}/{runtime}/{name}"] = float(accuracy[key])
         for key, value in (ratios or {}).get(runtime, {}).items():
             if value is not None:
                 metrics[f"benchmark/{stage}/{runtime}/{key}"] = float(value)
@@ -171,3 +176,123 @@ def flat_metrics(stage: str, report: dict, ratios: dict | None = None) -> dict[s
         for key in ("naive_mb", "planned_mb", "lower_bound_mb", "int8_planned_mb", "measured_peak_mb"):
             metrics[f"benchmark/{stage}/memory/{key}"] = float(memory[key])
     return metrics
+
+
+# ---- exported-file accuracy and operator profiles -----------------------------------------------------------------
+
+ACCURACY_COLUMNS = ("runtime", "images", "eager mIoU", "file mIoU", "gap (points)", "flag")
+PROFILE_COLUMNS = ("op", "calls", "ms", "share", "delegated", "dtype")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "/")
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
+
+
+def accuracy_rows(stages: dict[str, dict], label: str = "stage") -> tuple[list[str], list[list[str]]]:
+    """One row per (stage, runtime) with an ``accuracy`` entry: images, eager's val mIoU and the runtime's (the
+    exported file's) on the same inputs, the gap in points and the flag (``GAP > x``) where it exceeds the
+    threshold; ``([], [])`` without any."""
+    rows = []
+    for stage, content in stages.items():
+        for runtime, entry in content["report"].get("runtimes", {}).items():
+            accuracy = entry.get("accuracy")
+            if not accuracy:
+                continue
+            if accuracy.get("status") == "error":
+                error = accuracy.get("error", {})
+                rows.append([stage, runtime, "", "", "", "", f"error: {error.get('type')}: "
+                                                           f"{str(error.get('message', ''))[:80]}"])
+                continue
+            flag = f"GAP > {accuracy['max_gap_points']:g}" if accuracy.get("flagged") else "ok"
+            rows.append([stage, runtime, str(accuracy.get("images") or ""), format_value(accuracy["eager_miou"], 4),
+                         format_value(accuracy["miou"], 4), format_value(accuracy["gap_points"], 2), flag])
+    return ([label, *ACCURACY_COLUMNS], rows) if rows else ([], [])
+
+
+def accuracy_section(stages: dict[str, dict]) -> str:
+    """``## Exported-file accuracy`` (Markdown), or "" without accuracy entries."""
+    header, rows = accuracy_rows(stages)
+    if not header:
+        return ""
+    return ("\n## Exported-file accuracy\n\n" + ACCURACY_INTRO + "\n\n" + _table(header, rows) + "\n")
+
+
+ACCURACY_INTRO = ("Val mIoU of each runtime's own output — the exported file run by its runtime (in the isolated "
+                  "worker) — and of eager, on the same validation images fitted to the benchmark input size; gap = "
+                  "file - eager in points, flagged when larger than the threshold. Eager's row is eager itself.")
+PROFILE_INTRO = ("Time per operator per inference, measured in separate runs after the timed ones. eager / lite: "
+                 "torch.profiler, self CPU time per op and input dtype; ExecuTorch: ETDump, XNNPACK's own "
+                 "per-operator times inside the delegate (delegated = yes) and the portable kernels outside it. "
+                 "dtype int8 / float; blank for data movement and float<->int8 conversions. 'Float islands' are "
+                 "the ops computing in float in an int8 model.")
+
+
+def _op_item(op: dict) -> str:
+    if op.get("total_ms") is None:  # from the lowered graph: counts only
+        return f"`{op['op']}` x{op.get('count', op.get('calls'))}" + (" (delegated)" if op.get("delegated") else "")
+    return f"`{op['op']}` ({op['calls']}x, {op['total_ms']:.3f} ms, {100 * op['share']:.1f} %)"
+
+
+def _op_list(ops: list[dict] | None) -> str:
+    return "none" if not ops else "; ".join(_op_item(o) for o in ops)
+
+
+def profile_blocks(stages: dict[str, dict], top: int = 10) -> list[dict]:
+    """Per (stage, runtime) that has a profile: ``{"stage", "runtime", "title", "header", "rows" (the ``top``
+    most expensive ops), "lines" (not delegated, float islands, notes or the error)}``."""
+    blocks = []
+    for stage, content in stages.items():
+        for runtime, entry in content["report"].get("runtimes", {}).items():
+            profile = entry.get("profile")
+            if not profile:
+                continue
+            block = {"stage": stage, "runtime": runtime, "header": list(PROFILE_COLUMNS), "rows": [], "lines": []}
+            if profile.get("status") != "ok":
+                error = profile.get("error", {})
+                block["title"] = f"{stage} / {runtime}"
+                block["lines"].append(f"profile failed: {error.get('type')}: {error.get('message')}")
+                blocks.append(block)
+                continue
+            block["title"] = (f"{stage} / {runtime}: {profile['source']}, {profile['total_ms']:.3f} ms per "
+                              f"inference ({profile['runs']} runs)")
+            for op in profile.get("ops", [])[:top]:
+                delegated = {True: "yes", False: "no", None: ""}[op.get("delegated")]
+                block["rows"].append([op["op"], str(op["calls"]), format_value(op["total_ms"], 3),
+                                      format_value(100 * op["share"], 1, " %"), delegated, op.get("dtype") or ""])
+            if runtime == "executorch":
+                not_delegated = profile.get("not_delegated")
+                if not_delegated is None and entry.get("non_delegated_ops") is not None:
+                    not_delegated = [{"op": k, "count": v, "total_ms": None}
+                                     for k, v in entry["non_delegated_ops"].items()]
+                block["lines"].append(f"Not delegated (portable kernels): {_op_list(not_delegated)}")
+            if profile.get("quantized"):
+                islands = profile.get("float_islands")
+                if islands is None:
+                    islands = entry.get("float_islands")
+                block["lines"].append(f"Float islands in the int8 model: {_op_list(islands)}")
+                if runtime == "executorch" and entry.get("float_islands") is not None:
+                    block["lines"].append(f"Float ops in the lowered graph: {_op_list(entry['float_islands'])}")
+            block["lines"] += [f"Note: {n}" for n in profile.get("notes", [])]
+            blocks.append(block)
+    return blocks
+
+
+def profile_section(stages: dict[str, dict], top: int = 10) -> str:
+    """``## Operator profile`` (Markdown): per stage and runtime the ``top`` ops, the ops left out of the delegate
+    and the float islands; "" without profiles."""
+    blocks = profile_blocks(stages, top)
+    if not blocks:
+        return ""
+    parts = ["\n## Operator profile", PROFILE_INTRO]
+    for block in blocks:
+        parts.append(f"### {block['title']}")
+        if block["rows"]:
+            parts.append(_table(block["header"], block["rows"]))
+        if block["lines"]:
+            parts.append("\n".join(f"- {line}" for line in block["lines"]))
+    return "\n\n".join(parts) + "\n"

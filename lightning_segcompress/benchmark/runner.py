@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_segcompress.benchmark.accuracy import MAX_MIOU_GAP, EvalSet, compare_accuracy, predict_confusion
 from lightning_segcompress.benchmark.executorch_runtime import (
     ExecuTorchProgram,
+    delegate_dtype,
     executorch_available,
     export_executorch,
 )
+from lightning_segcompress.benchmark.profile import profile_runtime
 from lightning_segcompress.benchmark.timing import measure_latency, num_threads
 from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
 from lightning_segcompress.memory import TiledInference, memory_report
@@ -33,12 +36,15 @@ RUNTIMES = ("eager", "torchscript_lite", "executorch")
 INT8_MEMORY_REASON = ("torch.export cannot trace FX int8 modules; the float stage's 'int8 planned' column estimates "
                       "this arena")
 _ARTIFACTS = {"torchscript_lite": "model.ptl", "executorch": "model.pte"}
+_EVAL_FILE = "eval_inputs.pt"
 
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
     """What to measure. ``isolate`` times exported artifacts in a fresh subprocess per runtime, so that
-    their peak memory is their own and not the training process's."""
+    their peak memory is their own and not the training process's. ``profile``: time per operator
+    (:mod:`~lightning_segcompress.benchmark.profile`) in separate runs after the timed ones. ``max_miou_gap``: the
+    largest gap (points) between an exported file's val mIoU and eager's on the same inputs that is not flagged."""
 
     input_shape: tuple[int, ...] = (1, 3, 512, 512)
     runtimes: tuple[str, ...] = ("eager", "torchscript_lite", "executorch")
@@ -50,6 +56,8 @@ class BenchmarkSettings:
     isolate: bool = True
     worker_timeout_s: float = 600.0
     memory: bool = True
+    profile: bool = True
+    max_miou_gap: float = MAX_MIOU_GAP
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
@@ -67,6 +75,8 @@ class BenchmarkSettings:
             raise ValueError(f"threads must be positive (or None for torch's default), got {self.threads}.")
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}.")
+        if not self.max_miou_gap >= 0:
+            raise ValueError(f"max_miou_gap must be >= 0 (points), got {self.max_miou_gap}.")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +93,19 @@ class LogitsOnly(nn.Module):
         return extract_logits(self.network(x))
 
 
-def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_dir: str | Path) -> dict:
+@dataclass
+class _Job:
+    """What every runtime of one benchmark shares besides the model: whether it is int8, and the validation set
+    with eager's confusion matrices on it (None: no accuracy)."""
+
+    quantized: bool = False
+    evaluation: EvalSet | None = None
+    eval_path: Path | None = None
+    eager_confusion: torch.Tensor | None = None
+
+
+def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_dir: str | Path,
+                      evaluation: EvalSet | None = None) -> dict:
     """Measure a copy of ``network`` (the original is never modified) on each runtime, and (``settings.memory``)
     its activation memory.
 
@@ -91,6 +113,14 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
     ``{"status": "ok", "median_ms", "p90_ms", "size_mb", "max_abs_diff", "peak_rss_mb", ...}``,
     ``{"status": "skipped", "reason"}`` or ``{"status": "error", "error": {"type", "message"}}``. Errors are
     recorded, never raised.
+
+    With ``settings.profile`` each ok runtime gains ``"profile"`` (time per operator, see
+    :mod:`~lightning_segcompress.benchmark.profile`). With an ``evaluation`` set (validation images at the input's
+    size, :class:`~lightning_segcompress.benchmark.accuracy.EvalSet`) each ok runtime gains ``"accuracy"``: the
+    val mIoU of the runtime's own output (the exported file, run in the isolated worker where ``settings.isolate``)
+    against eager's on the same images (:func:`~lightning_segcompress.benchmark.accuracy.compare_accuracy`:
+    ``miou``, ``eager_miou``, ``gap_points``, ``flagged`` beyond ``settings.max_miou_gap``), or
+    ``{"status": "error", ...}``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -108,12 +138,26 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
     except Exception as err:  # noqa: BLE001
         report["runtimes"] = {r: {"status": "error", "error": _error(err)} for r in settings.runtimes}
         return report
-    for runtime in settings.runtimes:
+    job = _Job(quantized=is_int8(model))
+    if evaluation is not None:
         try:
-            entry = _RUNNERS[runtime](model, x, reference, settings, output_dir)
-        except Exception as err:  # noqa: BLE001 - recorded in the report, the caller carries on
-            entry = {"status": "error", "error": _error(err)}
-        report["runtimes"][runtime] = entry
+            with num_threads(settings.threads):
+                job.eager_confusion = predict_confusion(model, evaluation, settings.input_shape[0])
+            job.evaluation = evaluation
+            if settings.isolate and any(r != "eager" for r in settings.runtimes):
+                job.eval_path = evaluation.save(output_dir / _EVAL_FILE)
+        except Exception as err:  # noqa: BLE001
+            report["accuracy_error"] = _error(err)
+    try:
+        for runtime in settings.runtimes:
+            try:
+                entry = _RUNNERS[runtime](model, x, reference, settings, output_dir, job)
+            except Exception as err:  # noqa: BLE001 - recorded in the report, the caller carries on
+                entry = {"status": "error", "error": _error(err)}
+            report["runtimes"][runtime] = entry
+    finally:
+        if job.eval_path is not None:
+            job.eval_path.unlink(missing_ok=True)
     if settings.memory:
         report["memory"] = _memory(model, x)
     return report
@@ -158,21 +202,28 @@ def is_int8(model: nn.Module) -> bool:
                for node in module.graph.nodes)
 
 
-def _run_eager(model, x, reference, settings, output_dir) -> dict:
+def _run_eager(model, x, reference, settings, output_dir, job: _Job) -> dict:
     with num_threads(settings.threads):
         latency = measure_latency(model, x, settings.warmup, settings.runs)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
-    return {"status": "ok", **latency, "size_mb": weights / 1e6, "size_kind": "weights in memory",
-            "max_abs_diff": 0.0, "peak_rss_mb": None}
+    entry = {"status": "ok", **latency, "size_mb": weights / 1e6, "size_kind": "weights in memory",
+             "max_abs_diff": 0.0, "peak_rss_mb": None}
+    if settings.profile:  # after the timed runs
+        with num_threads(settings.threads):
+            entry["profile"] = profile_runtime("eager", model, "", x, job.quantized)
+    if job.eager_confusion is not None:
+        entry["accuracy"] = compare_accuracy(job.eager_confusion, job.eager_confusion,
+                                             job.evaluation.ignore_index, settings.max_miou_gap)
+    return entry
 
 
-def _run_torchscript_lite(model, x, reference, settings, output_dir) -> dict:
+def _run_torchscript_lite(model, x, reference, settings, output_dir, job: _Job) -> dict:
     path = output_dir / _ARTIFACTS["torchscript_lite"]
     info = export_torchscript_lite(model, x, path)
-    return _check_and_time("torchscript_lite", load_lite(path), info, x, reference, settings, is_int8(model))
+    return _check_and_time("torchscript_lite", load_lite(path), info, x, reference, settings, job)
 
 
-def _run_executorch(model, x, reference, settings, output_dir) -> dict:
+def _run_executorch(model, x, reference, settings, output_dir, job: _Job) -> dict:
     available, reason = executorch_available()
     if not available:
         return {"status": "skipped", "reason": reason}
@@ -182,16 +233,16 @@ def _run_executorch(model, x, reference, settings, output_dir) -> dict:
     path = output_dir / _ARTIFACTS["executorch"]
     info = export_executorch(model, x, path)
     program = ExecuTorchProgram(path, num_threads=settings.threads)  # its thread pool ignores torch's setting
-    return _check_and_time("executorch", program, info, x, reference, settings, is_int8(model))
+    return _check_and_time("executorch", program, info, x, reference, settings, job)
 
 
-def _check_and_time(runtime: str, program, info: dict, x, reference, settings, quantized: bool = False) -> dict:
+def _check_and_time(runtime: str, program, info: dict, x, reference, settings, job: _Job) -> dict:
     with torch.no_grad():
         output = program(x)
     diff = float((output - reference).abs().max())
     entry = {"status": "ok", "size_mb": info["size_bytes"] / 1e6, "size_kind": "file",
              "max_abs_diff": diff, **{k: v for k, v in info.items() if k != "size_bytes"}}
-    if quantized:  # int8 kernels round differently from the reference ops: compare the predicted classes
+    if job.quantized:  # int8 kernels round differently from the reference ops: compare the predicted classes
         agreement = float((output.argmax(1) == reference.argmax(1)).float().mean())
         entry["argmax_agreement"] = agreement
         if not agreement >= settings.int8_agreement:
@@ -201,18 +252,49 @@ def _check_and_time(runtime: str, program, info: dict, x, reference, settings, q
         raise AssertionError(
             f"{runtime} output differs from eager by {diff:.3g} > tolerance {settings.tolerance:g}"
         )
+    dtype = delegate_dtype(info.get("ops")) if runtime == "executorch" else None
+    confusion = None
     if settings.isolate:
-        entry.update(_time_in_subprocess(runtime, info["path"], settings))
+        timed = _time_in_subprocess(runtime, info["path"], settings, job, dtype)
+        evaluated = timed.pop("eval", None)
+        entry.update(timed)
+        if evaluated is not None:
+            confusion = evaluated.get("confusion")
+            if confusion is None:
+                entry["accuracy"] = {"status": "error", "error": evaluated.get("error", {})}
     else:
         with num_threads(settings.threads):
             entry.update(measure_latency(program, x, settings.warmup, settings.runs), peak_rss_mb=None)
+            if settings.profile:  # after the timed runs
+                entry["profile"] = profile_runtime(runtime, program, info["path"], x, job.quantized, dtype)
+            if job.evaluation is not None:
+                try:
+                    confusion = predict_confusion(program, job.evaluation, settings.input_shape[0])
+                except Exception as err:  # noqa: BLE001
+                    entry["accuracy"] = {"status": "error", "error": _error(err)}
+    if confusion is not None and job.eager_confusion is not None:
+        try:
+            entry["accuracy"] = compare_accuracy(job.eager_confusion, torch.as_tensor(confusion),
+                                                 job.evaluation.ignore_index, settings.max_miou_gap)
+        except Exception as err:  # noqa: BLE001
+            entry["accuracy"] = {"status": "error", "error": _error(err)}
     return entry
 
 
-def _time_in_subprocess(runtime: str, path: str, settings: BenchmarkSettings) -> dict:
+def _time_in_subprocess(runtime: str, path: str, settings: BenchmarkSettings, job: _Job | None = None,
+                        delegate_dtype: str | None = None) -> dict:
+    job = job or _Job()
     command = [sys.executable, "-m", "lightning_segcompress.benchmark.worker", runtime, path,
                "--shape", ",".join(str(s) for s in settings.input_shape), "--threads", str(settings.threads or 0),
                "--warmup", str(settings.warmup), "--runs", str(settings.runs)]
+    if settings.profile:
+        command.append("--profile")
+        if job.quantized:
+            command.append("--quantized")
+        if delegate_dtype is not None:
+            command += ["--delegate-dtype", delegate_dtype]
+    if job.eval_path is not None:
+        command += ["--eval", str(job.eval_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=settings.worker_timeout_s)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]

@@ -17,6 +17,7 @@ from lightning_segcompress.benchmark import (
     memory_table,
     write_report,
 )
+from lightning_segcompress.benchmark.accuracy import EvalSet
 from lightning_segcompress.benchmark.compression_report import (
     accuracy_statistics,
     channels_figure,
@@ -66,6 +67,18 @@ class DeviceBenchmark(CompressionCallback):
     figures go to TensorBoard (``compression/<name>``). An export or timing failure is recorded in the
     report, never raised: it cannot crash or lose a training run. Only global rank 0 measures.
 
+    With ``profile`` each stage and runtime also gets its time per operator (eager and TorchScript lite:
+    ``torch.profiler``; ExecuTorch: ETDump with XNNPACK's per-operator times inside the delegate), measured in
+    separate runs after the timed ones: ``benchmark.md`` and the compression report show the 10 most expensive ops,
+    the ops ExecuTorch left out of the XNNPACK delegate and, for int8 stages, the float islands (ops still computing
+    in float); the full lists are in ``benchmark.json`` (``runtimes.<runtime>.profile``). With ``exported_miou``
+    the exported files of every untiled stage are scored too: the same ``eval_batches`` validation images, fitted
+    to ``input_size`` (bilinear resize where they differ), run through the ``.ptl`` / ``.pte`` itself (in the
+    isolated worker with ``isolate``) and through eager; both val mIoUs and their gap go to the reports
+    (``Exported-file accuracy``) and the loggers (``benchmark/<stage>/<runtime>/file_miou``,
+    ``.../miou_gap_points``), and a gap beyond ``max_miou_gap`` points is flagged and warned about. The int8
+    class-agreement check on one input stays as the quick gate.
+
     Args:
         input_size: ``[H, W]`` of the benchmark input (as everywhere in this package; ``[N, C, H, W]`` is a
             deprecated spelling).
@@ -97,6 +110,10 @@ class DeviceBenchmark(CompressionCallback):
         report: write the compression report (Markdown, HTML, PNGs) at fit end.
         samples: images in the report's sample-prediction grid.
         ignore_index: label ignored by the mIoU and shown black in the samples.
+        profile: record the time per operator of every stage and runtime (separate runs after the timed ones).
+        exported_miou: also score the val mIoU of each exported file, run by its own runtime, on the
+            ``eval_batches`` validation images (fitted to ``input_size``) against eager's on the same inputs.
+        max_miou_gap: largest gap (points) between an exported file's val mIoU and eager's that is not flagged.
         tolerance: deprecated spelling of ``atol``.
 
     Example::
@@ -137,6 +154,9 @@ class DeviceBenchmark(CompressionCallback):
         report: bool = True,
         samples: int = 4,
         ignore_index: int = 255,
+        profile: bool = True,
+        exported_miou: bool = True,
+        max_miou_gap: float = 0.2,
         tolerance: float | None = None,
     ) -> None:
         atol = self.take_renamed("tolerance", "atol", tolerance, atol, 1e-3)
@@ -145,6 +165,7 @@ class DeviceBenchmark(CompressionCallback):
         self.settings = BenchmarkSettings(
             input_shape=input_shape(input_size, batch_size, owner="DeviceBenchmark"), runtimes=tuple(runtimes),
             threads=threads, warmup=warmup, runs=runs, tolerance=atol, isolate=isolate, memory=memory,
+            profile=profile, max_miou_gap=max_miou_gap,
         )
         self.tile_grids = [[int(g) for g in grid] for grid in (tile_grids or [])]
         if any(len(grid) != 2 or min(grid) < 1 for grid in self.tile_grids):
@@ -173,6 +194,7 @@ class DeviceBenchmark(CompressionCallback):
         self.write_compression_report = report
         self.samples = samples
         self.ignore_index = ignore_index
+        self.exported_miou = exported_miou
         self.stages: dict[str, dict] = {}
         self.confusions: dict[str, torch.Tensor] = {}  # per stage: per-image confusion matrices [N, C, C]
         self.technique: str | None = None  # the compression technique at work now
@@ -223,8 +245,11 @@ class DeviceBenchmark(CompressionCallback):
             return None
         output_dir = self.run_dir(trainer, "benchmark")
         network = network if network is not None else self.network(pl_module)
-        report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage)
-        miou = self._score(trainer, stage, network)
+        batches = self._validation_batches(trainer)
+        evaluation = self._evaluation_set(stage, batches) if self.exported_miou and batches else None
+        report = self._record(trainer, stage, benchmark_network, network, self.settings, output_dir / stage,
+                              evaluation=evaluation)
+        miou = self._score(trainer, stage, network, batches)
         self.stages[stage].update(miou=miou, channels=conv_widths(network),
                                   techniques=[s["kind"] for s in get_stages(network)])
         if miou is not None:
@@ -248,22 +273,50 @@ class DeviceBenchmark(CompressionCallback):
             report = {"error": {"type": type(err).__name__, "message": str(err)[:500]}, "runtimes": {}}
             rank_zero_warn(f"DeviceBenchmark could not measure stage {stage!r}: {type(err).__name__}: {err}")
         ratios = add_stage(self.stages, stage, report)
+        if report.get("accuracy_error"):
+            rank_zero_warn(f"DeviceBenchmark {stage}: the exported files were not scored: eager failed on the "
+                           f"validation images: {report['accuracy_error']['type']}: "
+                           f"{report['accuracy_error']['message']}")
         failed = {**report.get("runtimes", {}), "memory": report.get("memory") or {}}
         for part, entry in failed.items():
             if entry.get("status") == "error":
                 rank_zero_warn(f"DeviceBenchmark {stage}/{part} failed: {entry['error']['type']}: "
                                f"{entry['error']['message']}")
+            accuracy = entry.get("accuracy") or {}
+            if accuracy.get("flagged"):
+                rank_zero_warn(f"DeviceBenchmark {stage}/{part}: the exported file scores val mIoU "
+                               f"{accuracy['miou']:.4f} but eager {accuracy['eager_miou']:.4f} on the same "
+                               f"{accuracy['images']} images: a gap of {accuracy['gap_points']:+.2f} points (more "
+                               f"than max_miou_gap {accuracy['max_gap_points']:g}).")
+            elif accuracy.get("status") == "error":
+                rank_zero_warn(f"DeviceBenchmark {stage}/{part}: the exported file could not be scored: "
+                               f"{accuracy['error'].get('type')}: {accuracy['error'].get('message')}")
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(stage, report, ratios), step=trainer.global_step)
         return report
 
-    def _score(self, trainer: pl.Trainer, stage: str, network: torch.nn.Module) -> float | None:
+    def _evaluation_set(self, stage: str, batches: list) -> EvalSet | None:
+        """The validation images fitted to the benchmark input, for scoring the exported files (None on failure,
+        warned about: it must not stop the benchmark)."""
+        try:
+            return EvalSet.from_batches(batches, self.settings.input_shape, self.ignore_index)
+        except Exception as err:  # noqa: BLE001
+            rank_zero_warn(f"DeviceBenchmark {stage}: the exported files cannot be scored: {type(err).__name__}: "
+                           f"{err}")
+            return None
+
+    def _validation_batches(self, trainer: pl.Trainer) -> list:
+        """The first ``eval_batches`` labelled validation batches ([] with ``eval_batches=0`` or without labels)."""
+        return [] if self.eval_batches == 0 else labelled_validation_batches(trainer, self.eval_batches)
+
+    def _score(self, trainer: pl.Trainer, stage: str, network: torch.nn.Module,
+               batches: list | None = None) -> float | None:
         """Validation mIoU of ``network`` on the first ``eval_batches`` batches (None without labelled data), from
         its per-image confusion matrices, which are kept as ``confusions[stage]``."""
         self.confusions.pop(stage, None)
         if self.eval_batches == 0:
             return None
-        batches = labelled_validation_batches(trainer, self.eval_batches)
+        batches = self._validation_batches(trainer) if batches is None else batches
         if not batches:
             return None
         confusion = per_image_confusion(network, batches, ignore_index=self.ignore_index)
