@@ -30,6 +30,8 @@ from _results import write_results  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
 from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network  # noqa: E402
+from lightning_segcompress.benchmark.profile import float_islands_of, top_ops  # noqa: E402
+from lightning_segcompress.benchmark.timing import cpu_description  # noqa: E402
 from lightning_segcompress.callbacks import QuantizationAwareTraining  # noqa: E402
 
 MODELS = {
@@ -58,6 +60,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--name", default="quantization_speedup", help="result file name in benchmarks/results")
     return parser.parse_args()
+
+
+def profile_summary(entry: dict, n: int = 3) -> dict:
+    """The operator profile's top ``n`` ops, the ops computing in float (float islands, in an int8 model), the
+    float<->int8 conversions and the ops outside the delegate, in ms per inference."""
+    profile = entry.get("profile") or {}
+    ops = profile.get("ops", []) if profile.get("status") == "ok" else []
+    return {"top": [(o["op"], o["total_ms"], o["dtype"]) for o in top_ops(profile, n)],
+            "float_ms": sum(o["total_ms"] for o in float_islands_of(ops)),
+            "convert_ms": sum(o["total_ms"] for o in ops if o["op"].startswith(("Convert", "aten::quantize",
+                                                                                "aten::dequantize"))),
+            "not_delegated_ms": sum(o["total_ms"] for o in ops if o.get("delegated") is False)}
+
+
+def top_text(summary: dict) -> str:
+    return "; ".join(f"{op} {ms:.1f}" for op, ms, _ in summary["top"])
 
 
 def data(args) -> SyntheticScenesDataModule:
@@ -108,7 +126,7 @@ def main() -> None:
                 model.load_state_dict(float_model.state_dict())
                 qat = QuantizationAwareTraining(backend=backend, start_epoch=0,
                                                 freeze_bn_epoch=max(args.qat_epochs - 1, 0),
-                                                freeze_observer_epoch=max(args.qat_epochs - 1, 0),
+                                                freeze_observer_epoch=args.qat_epochs - 1 if args.qat_epochs > 1 else None,
                                                 input_size=[args.size, args.size])
                 fit = trainer(args, args.qat_epochs, root, [qat])
                 fit.fit(model, data(args))
@@ -120,7 +138,8 @@ def main() -> None:
                        "fp32_mb": fp32["size_mb"], "int8_mb": int8["size_mb"],
                        "size_ratio": int8["size_mb"] / fp32["size_mb"],
                        "fp32_miou": float_miou, "fake_quant_miou": qat.pre_int8_metric, "int8_miou": int8_miou,
-                       "miou_drop_points": 100 * (float_miou - int8_miou)}
+                       "miou_drop_points": 100 * (float_miou - int8_miou),
+                       "fp32_profile": profile_summary(fp32), "int8_profile": profile_summary(int8)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     header = (f"SyntheticScenes {args.size}x{args.size}, {args.classes} classes, {args.num_train} train / "
@@ -128,7 +147,7 @@ def main() -> None:
               f"(lr {args.qat_lr}, BN and observers frozen in the last; the fp32 mIoU is after the same extra epochs "
               f"without fake quantization); latency at 1x3x{args.bench_size}x"
               f"{args.bench_size}, median of {args.runs} runs in a fresh process; machine: {platform.machine()}, "
-              f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
+              f"{os.cpu_count()} CPUs ({cpu_description()}), torch {torch.__version__}, {args.threads} threads; "
               f"{time.time() - started:.0f} s. Goal: >= 3x faster, <= 0.3x size, <= 0.5 mIoU points drop.")
     lines = [header, "", "| model | backend -> runtime | fp32 ms | int8 ms | speedup | fp32 MB | int8 MB | size "
              "ratio | fp32 mIoU | fake-quant mIoU | int8 mIoU | drop (points) |", "|---" * 12 + "|"]
@@ -137,7 +156,17 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['backend']} -> {r['runtime']} | {r['fp32_ms']:.1f} | {r['int8_ms']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['fp32_mb']:.2f} | {r['int8_mb']:.2f} | {r['size_ratio']:.2f} | "
                      f"{r['fp32_miou']:.4f} | {fake} | {r['int8_miou']:.4f} | {r['miou_drop_points']:+.2f} |")
-    write_results(args.name, "\n".join(lines), {"args": vars(args), "rows": rows})
+    lines += ["", "Operator profile (ms per inference; ETDump inside XNNPACK for ExecuTorch, torch.profiler for lite): "
+              "the top 3 ops, the time int8 still spends in float ops (float islands) and in float<->int8 "
+              "conversions, and outside the delegate.", "",
+              "| model | backend -> runtime | fp32 top ops | int8 top ops | int8 float islands ms | "
+              "int8 conversions ms | not delegated ms (fp32 / int8) |", "|---" * 7 + "|"]
+    for r in rows:
+        f, q = r["fp32_profile"], r["int8_profile"]
+        lines.append(f"| {r['model']} | {r['backend']} -> {r['runtime']} | {top_text(f)} | {top_text(q)} | "
+                     f"{q['float_ms']:.1f} | {q['convert_ms']:.1f} | {f['not_delegated_ms']:.1f} / "
+                     f"{q['not_delegated_ms']:.1f} |")
+    write_results(args.name, "\n".join(lines), {"args": vars(args), "cpu": cpu_description(), "rows": rows})
 
 
 if __name__ == "__main__":

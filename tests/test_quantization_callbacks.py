@@ -205,6 +205,8 @@ def test_bad_arguments_and_unknown_keep_float_names(tmp_path):
         QuantizationAwareTraining(backend="fx", engine="fbgemm2")
     with pytest.raises(ValueError, match="freeze_bn_epoch .* must not come before start_epoch"):
         QuantizationAwareTraining(backend="fx", start_epoch=3, freeze_bn_epoch=1)
+    with pytest.raises(ValueError, match="freeze_observer_epoch .* equals start_epoch"):
+        QuantizationAwareTraining(start_epoch=2, freeze_observer_epoch=2)
     with pytest.raises(ValueError, match="calibration_batches must be positive"):
         PostTrainingQuantization(calibration_batches=0)
     model = SegmentationModule(SMP_UNET, num_classes=4)

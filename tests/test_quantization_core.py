@@ -267,3 +267,11 @@ def test_converted_pt2e_checkpoint_restores_the_same_int8_model_in_a_fresh_proce
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "restored.pt"), expected)
+
+
+def test_pt2e_convert_without_observed_data_names_the_cause():
+    pytest.importorskip("executorch")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    prepared = prepare_network(net, QuantizationConfig(backend="pt2e", qat=False, example_shape=(2, 3, 16, 16)))
+    with pytest.raises(QuantizationError, match="observer has seen no data"):
+        convert_network(prepared)

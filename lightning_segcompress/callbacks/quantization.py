@@ -159,7 +159,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         engine: FX quantized engine, ``"x86"`` (fast on x86 CPUs) or ``"qnnpack"`` (ARM); ignored by pt2e.
         start_epoch: the epoch at which fake quantization starts (e.g. after pruning finished).
         freeze_bn_epoch: from this epoch on, BN running statistics stop updating (None: never).
-        freeze_observer_epoch: from this epoch on, quantization ranges stay fixed (None: never).
+        freeze_observer_epoch: from this epoch on, quantization ranges stay fixed (None: never); after
+            ``start_epoch``, so that the observers see data first.
         keep_float: module names (or regexes) left in float; with FX they are not traced either, which is the
             fix for modules torch.fx cannot trace.
         per_channel: per-channel weight scales (PT2E/XNNPACK).
@@ -196,6 +197,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
             if epoch is not None and epoch < start_epoch:
                 raise ValueError(f"{name} ({epoch}) must not come before start_epoch ({start_epoch}).")
+        if freeze_observer_epoch is not None and freeze_observer_epoch == start_epoch:
+            raise ValueError(f"freeze_observer_epoch ({freeze_observer_epoch}) equals start_epoch: the observers would "
+                             "be frozen before they saw any data. Set it to a later epoch, or null.")
         super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute)
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch

@@ -97,7 +97,15 @@ def convert_pt2e(prepared: nn.Module) -> torch.fx.GraphModule:
     _sync_graph_mode(model)  # the graph's batch-norm ops in eval form before they are folded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = ao_convert_pt2e(model)
+        try:
+            converted = ao_convert_pt2e(model)
+        except AssertionError as err:
+            if "should be less than max" not in str(err):
+                raise
+            raise QuantizationError(
+                "An observer has seen no data (its range is still [inf, -inf]): no forward pass ran with observers "
+                "enabled between prepare and convert. Calibrate on at least one batch, or let QAT observe at least "
+                "one epoch before freeze_observer_epoch.") from None
     _allow_train_eval(converted, training=False)
     return converted
 
