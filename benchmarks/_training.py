@@ -19,11 +19,14 @@ def synthetic_data(args) -> SyntheticScenesDataModule:
 
 
 def fit(args, spec: dict, epochs: int, seed: int, lr: float, root: Path, callbacks=(), weights=None,
-        bn_momentum: float | None = None, data=None) -> tuple[float, SegmentationModule]:
+        bn_momentum: float | None = None, data=None, prepare=None) -> tuple[float, SegmentationModule]:
     """Train ``spec`` (from ``weights`` if given) for ``epochs`` on ``data`` (default: :func:`synthetic_data`);
-    returns the final val mIoU and the module."""
+    returns the final val mIoU and the module. ``prepare(module)`` runs on the fresh module before the weights
+    load (e.g. to prune it to the architecture the weights have)."""
     pl.seed_everything(seed, verbose=False)
     model = SegmentationModule(spec, num_classes=args.classes, lr=lr)
+    if prepare is not None:
+        prepare(model)
     if bn_momentum is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

@@ -124,9 +124,9 @@ def main() -> None:
                 pl.seed_everything(0, verbose=False)
                 model = SegmentationModule(MODELS[name], num_classes=args.classes, lr=args.qat_lr)
                 model.load_state_dict(float_model.state_dict())
-                qat = QuantizationAwareTraining(backend=backend, start_epoch=0,
-                                                freeze_bn_epoch=max(args.qat_epochs - 1, 0),
-                                                freeze_observer_epoch=args.qat_epochs - 1 if args.qat_epochs > 1 else None,
+                last = args.qat_epochs - 1  # BN and observers frozen in the last QAT epoch (observers see one first)
+                qat = QuantizationAwareTraining(backend=backend, start_epoch=0, freeze_bn_epoch=max(last, 0),
+                                                freeze_observer_epoch=last if last > 0 else None,
                                                 input_size=[args.size, args.size])
                 fit = trainer(args, args.qat_epochs, root, [qat])
                 fit.fit(model, data(args))

@@ -216,7 +216,7 @@ def test_taylor_importance_prunes_after_its_gradient_batches(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(amount=1.5), "amount must be a fraction in \\(0, 1\\)"),
-    (dict(target="flops"), "target must be one of \\['macs', 'params', 'channels'\\]"),
+    (dict(target="flops"), "target must be one of \\['macs', 'params', 'channels', 'latency'\\]"),
     (dict(importance="magnitude"), "Unknown importance 'magnitude': use one of"),
     (dict(importance="no_such_pkg.Score"), "Cannot import importance class 'no_such_pkg.Score'"),
     (dict(schedule="agp", start_epoch=0, end_epoch=2, steps=4), "4 steps need at least 4 epochs"),

@@ -33,9 +33,17 @@ from lightning_segcompress.pruning import (
     prune_with_history,
 )
 from lightning_segcompress.pruning.budget import MiouBudget, restore, restore_point
-from lightning_segcompress.pruning.graph import METRICS, _restore, _snapshot, unused_layers
+from lightning_segcompress.pruning.graph import _restore, _snapshot, unused_layers
 from lightning_segcompress.pruning.importance import resolve_importance_class
-from lightning_segcompress.pruning.search import check_supported
+from lightning_segcompress.pruning.latency import KeepBest, model_group_costs, weights_from_costs
+from lightning_segcompress.pruning.latency_model import (
+    RUNTIMES,
+    LatencyModel,
+    RuntimeTimer,
+    build_latency_model,
+    check_runtime,
+)
+from lightning_segcompress.pruning.search import TARGETS, check_supported
 from lightning_segcompress.utils.inspection import (
     example_input,
     find_classifier_layers,
@@ -51,9 +59,9 @@ class StructuredPruning(CompressionCallback):
     model really gets smaller and faster (no masks).
 
     Each step ranks channel groups by ``importance``, searches torch-pruning's channel ratio until the
-    requested fraction of ``target`` (MACs, params or channels of the unpruned model) is removed, hands the plan
-    to the plan filters of the other compression callbacks (e.g. :class:`PostPruning`), applies what they keep
-    once, and rebuilds the optimizers and LR schedulers (keeping their position). The classifier layers are
+    requested fraction of ``target`` (MACs, params, channels or latency of the unpruned model) is removed, hands
+    the plan to the plan filters of the other compression callbacks (e.g. :class:`PostPruning`), applies what they
+    keep once, and rebuilds the optimizers and LR schedulers (keeping their position). The classifier layers are
     found and protected automatically. The step is decided on rank 0 and broadcast, so DDP ranks stay identical.
 
     Checkpoints carry the pruning history as plain data: ``trainer.fit/validate/test/predict(ckpt_path=...)``
@@ -62,8 +70,22 @@ class StructuredPruning(CompressionCallback):
 
     Args:
         amount: fraction of ``target`` to remove by the end of the schedule, in (0, 1).
-        target: ``"macs"``, ``"params"`` or ``"channels"``; the achieved fraction lands within ``rel_tolerance``
-            of ``amount`` (before plan filters, which may keep groups back).
+        target: ``"macs"``, ``"params"``, ``"channels"`` or ``"latency"``; the achieved fraction lands within
+            ``rel_tolerance`` of ``amount`` (before plan filters, which may keep groups back). ``"latency"`` removes
+            ``amount`` of the network's milliseconds on ``runtime`` at ``input_size``: before the first step every
+            prunable convolution is exported alone to the runtime and timed at a few widths (the latency model of
+            :mod:`lightning_segcompress.pruning.latency_model`; a few minutes on ExecuTorch, kept in checkpoints),
+            the search bisects on the model's predicted ms, and each step records the predicted and, measured
+            once on the runtime, the real ms of the pruned network (``predicted_ms``, ``measured_ms`` in
+            ``pruning_steps.json``).
+        runtime: where ``target: latency`` is measured: ``"executorch"`` (XNNPACK, the default; needs
+            ``pip install 'lightning-segcompress[executorch]'``), ``"torchscript_lite"`` or ``"eager"``.
+        threads: CPU threads for latency timing (``target: latency``); ``None`` keeps torch's default (and
+            ExecuTorch's: all cores). As in ``DeviceBenchmark``: use the deployment's thread count.
+        latency_ranking: with ``target: latency``, also rank channels by what they cost on ``runtime``
+            (experimental): each group's importance is scaled by how many ms per MAC its channels buy relative to
+            the average (:func:`~lightning_segcompress.pruning.latency.model_group_costs`, clipped to 0.5..2),
+            and every group keeps its best quarter of channels. ``False`` (default): the same ranking as for MACs.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"`` (gradients accumulated over
             ``taylor_batches`` training batches), ``"random"``, or the class path of a torch-pruning
             ``Importance`` (with ``importance_args``).
@@ -78,8 +100,8 @@ class StructuredPruning(CompressionCallback):
             width before the first step (so a multi-step schedule cannot compound it).
         rel_tolerance: accepted relative error of the final step's achieved fraction (0.03 = 3%).
         taylor_batches: training batches whose gradients feed ``taylor`` importance.
-        input_size: ``[H, W]`` of the example input used to trace the network and count MACs; default: the
-            training batch's size.
+        input_size: ``[H, W]`` of the example input used to trace the network, count MACs and (``target:
+            latency``) measure latency; default: the training batch's size.
         on_failure: ``"raise"`` (stop training) or ``"skip"`` (warn and keep training unpruned) when a step
             cannot be planned or applied. Either way the network is left exactly as before the step.
         network_attribute: attribute path of the network in the LightningModule (default: found automatically).
@@ -106,6 +128,9 @@ class StructuredPruning(CompressionCallback):
 
         trainer = Trainer(callbacks=[StructuredPruning(amount=0.5, target="macs", schedule="agp",
                                                        start_epoch=1, end_epoch=7, steps=3)])
+        # half the milliseconds of ExecuTorch at 512x512 on 2 threads, in one step
+        StructuredPruning(amount=0.5, target="latency", runtime="executorch", threads=2, input_size=[512, 512],
+                          round_to=16)
 
     or in YAML::
 
@@ -142,13 +167,23 @@ class StructuredPruning(CompressionCallback):
         ignore_index: int = 255,
         lr_rewind_epoch: int | None = None,
         tolerance: float | None = None,
+        runtime: str = "executorch",
+        threads: int | None = None,
+        latency_ranking: bool = False,
     ) -> None:
         rel_tolerance = self.take_renamed("tolerance", "rel_tolerance", tolerance,
                                          rel_tolerance, 0.03)
         self.schedule = PruningSchedule(kind=schedule, amount=amount, start_epoch=start_epoch,
                                         end_epoch=end_epoch, steps=steps)
-        if target not in METRICS:
-            raise ValueError(f"target must be one of {list(METRICS)}, got {target!r}.")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}.")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime (where target: latency is measured) must be one of {list(RUNTIMES)}, got "
+                             f"{runtime!r}.")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null for torch's default), got {threads}.")
+        if target == "latency":
+            check_runtime(runtime)  # ExecuTorch missing: fails now, with the install command
         if importance not in IMPORTANCE_NAMES:
             resolve_importance_class(importance)  # fails now, with the fix, rather than at the first step
         if round_to is not None and round_to < 1:
@@ -172,6 +207,9 @@ class StructuredPruning(CompressionCallback):
         if isinstance(ignored_layers, str):
             ignored_layers = [ignored_layers]
         self.target = target
+        self.runtime = runtime
+        self.threads = threads
+        self.latency_ranking = latency_ranking
         self.importance = importance
         self.importance_args = dict(importance_args or {})
         self.global_pruning = global_pruning
@@ -196,6 +234,9 @@ class StructuredPruning(CompressionCallback):
         self.reference: dict[str, int] | None = None
         self.reference_widths: dict[str, int] | None = None
         self.records: list[dict] = []
+        self.latency_model: LatencyModel | None = None  # target latency: built before the first step
+        # how latency is timed (a LayerTimer; None: a RuntimeTimer on runtime/threads); tests inject a fake one
+        self.latency_timer = None
         # per-fit working state
         self._ignored: list[str] = []
         self._grad_sum: dict[str, torch.Tensor] = {}
@@ -275,7 +316,8 @@ class StructuredPruning(CompressionCallback):
         return {"steps_done": self.steps_done, "reference": self.reference, "reference_widths": self.reference_widths,
                 "records": self.records, "input_size": self.input_size,
                 "budget": self.budget.summary() if self.budget is not None else None,
-                "lr_rewind_state": self.lr_rewind_state}
+                "lr_rewind_state": self.lr_rewind_state,
+                "latency_model": self.latency_model.as_dict() if self.latency_model is not None else None}
 
     def load_progress_state(self, state_dict: dict[str, Any]) -> None:
         self.steps_done = int(state_dict.get("steps_done", 0))
@@ -286,6 +328,8 @@ class StructuredPruning(CompressionCallback):
         if self.budget is not None:
             self.budget = MiouBudget.from_dict(state_dict.get("budget"), self.max_miou_drop)
         self.lr_rewind_state = state_dict.get("lr_rewind_state") or self.lr_rewind_state
+        if state_dict.get("latency_model"):
+            self.latency_model = LatencyModel.from_dict(state_dict["latency_model"])
 
     # ---- the pruning step ------------------------------------------------------------------------------
 
@@ -300,10 +344,14 @@ class StructuredPruning(CompressionCallback):
         if self.reference is None:
             self.reference = measure(network, example)
             self.reference_widths = layer_widths(network)
+        if self.latency_model is not None:  # from a checkpoint, or assigned before the fit
+            self.reference.setdefault("latency", self.latency_model.reference_ms)
         fraction = self.schedule.fraction_after(step)
         payload = self._decide(trainer, pl_module, network, example, step, fraction) if trainer.is_global_zero \
             else None
         payload = trainer.strategy.broadcast(payload, src=0)  # every rank applies rank 0's decision
+        if payload.get("latency_model") and self.latency_model is None:  # built on rank 0 in this step
+            self._set_latency_model(LatencyModel.from_dict(payload["latency_model"]))
         if "error" not in payload:
             event = CompressionEvent(KIND, step, network, trainer.current_epoch, trainer.global_step,
                                      plan=payload["history"])
@@ -392,7 +440,15 @@ class StructuredPruning(CompressionCallback):
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
                 example: torch.Tensor, step: int, fraction: float) -> dict:
         """Plan a step on rank 0 and pass it through the plan filters: a plain-data pruning history, or the error
-        that prevented it."""
+        that prevented it. With ``target: latency`` the payload also carries the latency model (built here, before
+        the first step) for the other ranks."""
+        payload = self._plan(trainer, pl_module, network, example, step, fraction)
+        if self.latency_model is not None:
+            payload["latency_model"] = self.latency_model.as_dict()
+        return payload
+
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+              example: torch.Tensor, step: int, fraction: float) -> dict:
         try:
             config = PruningConfig(
                 ignored_layers=sorted(set(self._ignored) | set(find_classifier_layers(network, example))),
@@ -400,15 +456,27 @@ class StructuredPruning(CompressionCallback):
                 max_layer_fraction=self.max_layer_fraction, reference_widths=self.reference_widths,
                 tolerance=self.rel_tolerance,
             )
+            if self.target == "latency" and self.latency_model is None:
+                self._build_latency_model(network, example, config)
+            importance, weights = build_importance(self.importance, **self.importance_args), None
+            if self.target == "latency" and self.latency_ranking:
+                costs = model_group_costs(self.latency_model, network, example, config.ignored_layers,
+                                          round_to=self.round_to)
+                importance, weights = KeepBest(importance, min_channels=self.round_to or 8), weights_from_costs(costs)
             with self._taylor_gradients(network), _seeded(self.seed + step):
-                plan = plan_step(network, example, build_importance(self.importance, **self.importance_args),
-                                 self.target, fraction, self.reference[self.target], config)
+                plan = plan_step(network, example, importance, self.target, fraction, self.reference[self.target],
+                                 config, group_weights=weights, latency_model=self.latency_model)
         except Exception as err:  # noqa: BLE001 - broadcast to all ranks, then raised or skipped
             return {"error": f"{type(err).__name__}: {err}"}
         if step == self.schedule.steps and not plan.within_tolerance:
             message = (f"the closest plan removes {plan.achieved_fraction:.3f} of {self.target}, not {fraction:.3f} "
                        f"(rel_tolerance {self.rel_tolerance:.0%}). Lower round_to, raise max_layer_fraction, un-ignore "
                        "layers or raise rel_tolerance.")
+            if self.target == "latency":
+                model = self.latency_model
+                message += (f" Of the {model.reference_ms:.1f} ms on {model.runtime}, {model.constant_ms:.1f} ms are "
+                            "outside the prunable layers (transposes, resizes, the classifier, untimed layers) and do "
+                            "not shrink.")
             unused = unused_layers(network, example) if self.target == "params" else {}
             if unused:
                 message += (f" Note: {sum(unused.values()):,} parameters sit in layers the forward never runs "
@@ -423,6 +491,30 @@ class StructuredPruning(CompressionCallback):
             return {"error": f"a plan filter failed: {type(err).__name__}: {err}"}
         return {"history": history, "plan": {**plan.as_dict(), "groups_planned": len(plan.history),
                                              "groups_applied": len(history)}}
+
+    def _build_latency_model(self, network: nn.Module, example: torch.Tensor, config: PruningConfig) -> None:
+        """Time the unpruned network's prunable layers on the runtime (rank 0, before the first step)."""
+        timer = self.latency_timer if self.latency_timer is not None else RuntimeTimer(self.runtime, self.threads)
+        rank_zero_info(f"StructuredPruning: timing the network's layers on {self.runtime} at "
+                       f"{list(example.shape)} for target latency (once; kept in checkpoints)...")
+        model = build_latency_model(network, example, self.runtime, ignored_layers=config.ignored_layers,
+                                    round_to=self.round_to, timer=timer)
+        rank_zero_info(f"StructuredPruning: latency model built in {model.build_s:.0f} s ({model.timings} layer "
+                       f"timings): {model.reference_ms:.1f} ms measured = {model.scale:.2f} x the "
+                       f"{len(model.layers)} modelled layers + {model.constant_ms:.1f} ms.")
+        self._set_latency_model(model)
+
+    def _set_latency_model(self, model: LatencyModel) -> None:
+        self.latency_model = model
+        self.reference["latency"] = model.reference_ms
+
+    def _measured_ms(self, network: nn.Module, example: torch.Tensor) -> tuple[float | None, str | None]:
+        """The pruned network's latency measured once on the runtime (rank 0); a failure is reported, not raised."""
+        timer = self.latency_timer if self.latency_timer is not None else RuntimeTimer(self.runtime, self.threads)
+        try:
+            return float(timer.time_network(network, example)), None
+        except Exception as err:  # noqa: BLE001 - the step is done; only the check is missing
+            return None, f"{type(err).__name__}: {str(err)[:300]}"
 
     def _example(self, network: nn.Module, batch: Any) -> torch.Tensor:
         if self.input_size is None:
@@ -453,17 +545,28 @@ class StructuredPruning(CompressionCallback):
 
     def _report(self, trainer, network: nn.Module, example: torch.Tensor, step: int, plan: dict) -> None:
         after = measure(network, example)
+        latency = {}
+        if self.latency_model is not None and "latency" in self.reference:
+            after["latency"] = self.latency_model.predict(network)
+            measured, error = self._measured_ms(network, example) if trainer.is_global_zero else (None, None)
+            reference = self.latency_model.reference_ms
+            latency = {"runtime": self.latency_model.runtime, "threads": self.latency_model.threads,
+                       "reference_ms": reference, "predicted_ms": after["latency"], "measured_ms": measured,
+                       "measured_fraction": None if measured is None else 1.0 - measured / reference}
+            if error:
+                latency["measured_error"] = error
         record = {"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "requested_fraction": plan["requested_fraction"],
                   "achieved_fraction": 1.0 - after[self.target] / self.reference[self.target],
                   "planned_fraction": plan["achieved_fraction"], "channel_ratio": plan["ratio"],
                   "groups_planned": plan["groups_planned"], "groups_applied": plan["groups_applied"], **after,
                   **{f"{k}_fraction_kept": after[k] / self.reference[k] for k in after},
-                  "channels_per_layer": layer_widths(network)}
+                  **latency, "channels_per_layer": layer_widths(network)}
         self.records.append(record)
         if not trainer.is_global_zero:
             return
-        scalars = {f"pruning/{k}": float(v) for k, v in record.items() if k != "channels_per_layer"}
+        scalars = {f"pruning/{k}": float(v) for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
         self._write_steps(trainer)
@@ -471,7 +574,11 @@ class StructuredPruning(CompressionCallback):
             f"StructuredPruning step {step}/{self.schedule.steps} (epoch {trainer.current_epoch}): removed "
             f"{record['achieved_fraction']:.3f} of {self.target} (requested {record['requested_fraction']:.3f}); "
             f"params {after['params']:,} ({record['params_fraction_kept']:.2f} kept), MACs {after['macs']:,} "
-            f"({record['macs_fraction_kept']:.2f} kept)."
+            f"({record['macs_fraction_kept']:.2f} kept)." + (
+                f" Latency on {latency['runtime']}: {latency['predicted_ms']:.1f} ms predicted, "
+                + (f"{latency['measured_ms']:.1f} ms measured" if latency["measured_ms"] is not None
+                   else f"not measured ({latency.get('measured_error')})")
+                + f" (unpruned {latency['reference_ms']:.1f} ms)." if latency else "")
         )
 
     def _write_steps(self, trainer: pl.Trainer) -> None:

@@ -24,6 +24,11 @@ other layers and the element-wise ops it flows through scaled by their share of 
 Groups that save more time per MAC than average get a weight below 1 (cheaper to remove), groups whose
 latency does not shrink a weight above 1. :class:`KeepBest` gives every group a width floor so that such
 weights cut a group down instead of making torch-pruning skip it.
+
+The eager per-layer timing of that experiment grew into :mod:`lightning_segcompress.pruning.latency_model`: a
+latency model on the deployment runtime (ExecuTorch, lite or eager) that ``plan_step(metric="latency")``
+bisects on. :func:`model_group_costs` reads the same per-group savings from such a model (no further timing),
+so :func:`weights_from_costs` can rank channels by what they cost *on the runtime*.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import nn
 from lightning_segcompress.benchmark.timing import num_threads
 from lightning_segcompress.pruning.graph import build_graph
 from lightning_segcompress.pruning.importance import ROOT_TYPES, group_key, is_out_pruning
+from lightning_segcompress.pruning.latency_model import LatencyModel, _layer_shapes, layer_widths
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,66 @@ def group_costs(
             return costs
     finally:
         network.train(was_training)
+
+
+def model_group_costs(
+    model: LatencyModel,
+    network: nn.Module,
+    example: torch.Tensor,
+    ignored_layers: Sequence[str] = (),
+    *,
+    fraction: float = 0.5,
+    round_to: int | None = 16,
+) -> dict[str, GroupCost]:
+    """Per prunable group (keys as in ``compute_group_scores``): the ms ``model`` predicts removing ``fraction`` of
+    its channels saves on the model's runtime, and the MACs it saves. Layers outside the model (its constant)
+    save MACs but no time. ``network`` is not modified; nothing is timed."""
+    was_training = network.training
+    network.eval()
+    try:
+        shapes = {name: _IO(*io) for name, io in _layer_shapes(network, example).items()}
+        graph = build_graph(network, example)
+    finally:
+        network.train(was_training)
+    names = {m: n for n, m in network.named_modules()}
+    modules = dict(network.named_modules())
+    removal = _removal(fraction, round_to)
+    costs = {}
+    for group in graph.get_all_groups(ignored_layers=[modules[n] for n in ignored_layers],
+                                      root_module_types=ROOT_TYPES):
+        channels = len(group[0].idxs)
+        removed = removal(channels)
+        if removed < 1:
+            continue
+        saved_ms = saved_macs = 0.0
+        seen: set[str] = set()
+        for dep, idxs in group:
+            name = names.get(dep.target.module)
+            module = modules.get(name) if name is not None else None
+            if name in seen or name not in shapes or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            seen.add(name)  # a depthwise conv appears twice (in and out): count it once
+            cin, cout = layer_widths(module)
+            groups = int(getattr(module, "groups", 1))
+            n = max(1, round(removed * len(idxs) / channels))
+            if groups > 1 and groups == cin == cout:
+                new_in = new_out = new_groups = max(1, cin - n)
+            elif is_out_pruning(dep):
+                new_in, new_out, new_groups = cin, max(1, cout - n), groups
+            else:
+                new_in, new_out, new_groups = max(1, cin - n), cout, groups
+            table = model.layers.get(name)
+            if table is not None:
+                saved_ms += model.scale * (table.predict(cin, cout) - table.predict(new_in, new_out))
+            if isinstance(module, nn.Linear):
+                rows = _numel(shapes[name].output) // max(1, cout)
+                saved_macs += float(rows * (cin * cout - new_in * new_out))
+            else:
+                saved_macs += (_conv_macs(module, shapes[name], cin, cout, groups)
+                               - _conv_macs(module, shapes[name], new_in, new_out, new_groups))
+        costs[group_key(group, names)] = GroupCost(channels=channels, removed=removed, saved_ms=saved_ms,
+                                                   saved_macs=saved_macs)
+    return costs
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Plan one pruning step that removes a requested fraction of MACs, parameters or channels.
+"""Plan one pruning step that removes a requested fraction of MACs, parameters, channels or latency.
 
 torch-pruning's ``pruning_ratio`` is a fraction of channels; MACs and parameters do not follow it linearly
 (early high-resolution layers cost more MACs per channel). So the ratio is searched by bisection, each trial
-pruning a throw-away copy and measuring it. The plan that comes out is a plain-data history, applied to the
-real network afterwards by replay (on every DDP rank alike).
+pruning a throw-away copy and measuring it (``latency``: predicting it with a
+:class:`~lightning_segcompress.pruning.latency_model.LatencyModel` of the deployment runtime). The plan that
+comes out is a plain-data history, applied to the real network afterwards by replay (on every DDP rank alike).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from lightning_segcompress.pruning.graph import (
     unsupported_layers,
 )
 from lightning_segcompress.pruning.importance import ROOT_TYPES, CachedImportance, compute_group_scores
+from lightning_segcompress.pruning.latency_model import LatencyModel
 from lightning_segcompress.utils.inspection import output_tensors
+
+TARGETS = (*METRICS, "latency")  # what plan_step can remove a fraction of
 
 
 @dataclass
@@ -52,7 +56,7 @@ class StepPlan:
     metric: str
     requested_fraction: float  # of the reference (unpruned) model
     achieved_fraction: float
-    value: int  # the metric after the step
+    value: int | float  # the metric after the step (latency: predicted ms)
     tolerance: float = 0.03
 
     @property
@@ -87,17 +91,28 @@ def plan_step(
     importance: Callable,
     metric: str,
     target_fraction: float,
-    reference: int,
+    reference: float,
     config: PruningConfig,
     group_weights: dict[str, float] | None = None,
+    latency_model: LatencyModel | None = None,
 ) -> StepPlan:
     """Find the channel ratio whose pruning leaves ``(1 - target_fraction) * reference`` of ``metric``.
 
     ``network`` is not modified. Importance is scored once on ``network`` (gradients for Taylor must be in
-    ``.grad``) and reused for every trial, so all trials rank channels identically.
+    ``.grad``) and reused for every trial, so all trials rank channels identically. ``metric="latency"``
+    bisects on ``latency_model``'s predicted ms (``reference``: the unpruned network's, e.g.
+    ``latency_model.reference_ms``).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric not in TARGETS:
+        raise ValueError(f"metric must be one of {TARGETS}, got {metric!r}")
+    if metric == "latency" and latency_model is None:
+        raise ValueError("metric 'latency' needs a latency_model (pruning.latency_model.build_latency_model).")
+
+    def evaluate(candidate: nn.Module) -> float:
+        if metric == "latency":
+            return latency_model.predict(candidate)
+        return measure(candidate, example, [metric])[metric]
+
     check_supported(network, list(config.ignored_layers) + list(config.protected_layers))
     modules = dict(network.named_modules())
     graph = build_graph(network, example)
@@ -109,12 +124,12 @@ def plan_step(
                           config.reference_widths)
     scores = protect_floors(scores, floors, config.round_to)
     floors_by_layer = {name: kept for name, (kept, _) in floors.items()}
-    current = measure(network, example, [metric])[metric]
+    current = evaluate(network)
     goal = (1.0 - target_fraction) * reference
     if current <= goal:  # already there (e.g. a resumed schedule); nothing to remove in this step
         return _plan([], 0.0, metric, target_fraction, reference, current, config)
 
-    def trial(ratio: float) -> tuple[History, int, list[str]]:
+    def trial(ratio: float) -> tuple[History, float, list[str]]:
         candidate = copy.deepcopy(network)
         for p in candidate.parameters():  # see build_graph: frozen layers must be in the traced graph
             p.requires_grad_(True)
@@ -130,9 +145,9 @@ def plan_step(
         widths = layer_widths(candidate)
         broken = [f"{name} ({widths[name]} < {kept})" for name, kept in floors_by_layer.items()
                   if widths.get(name, kept) < kept]
-        return normalise_history(pruner.pruning_history()), measure(candidate, example, [metric])[metric], broken
+        return normalise_history(pruner.pruning_history()), evaluate(candidate), broken
 
-    best: tuple[float, float, History, int] | None = None  # (error, ratio, history, value)
+    best: tuple[float, float, History, float] | None = None  # (error, ratio, history, value)
     lo, hi = 0.0, config.max_layer_fraction
     for _ in range(config.max_trials):
         ratio = (lo + hi) / 2
@@ -158,4 +173,5 @@ def plan_step(
 
 def _plan(history, ratio, metric, target, reference, value, config) -> StepPlan:
     return StepPlan(history=history, ratio=ratio, metric=metric, requested_fraction=target,
-                    achieved_fraction=1.0 - value / reference, value=int(value), tolerance=config.tolerance)
+                    achieved_fraction=1.0 - value / reference,
+                    value=float(value) if metric == "latency" else int(value), tolerance=config.tolerance)
