@@ -275,3 +275,28 @@ def test_pt2e_convert_without_observed_data_names_the_cause():
     prepared = prepare_network(net, QuantizationConfig(backend="pt2e", qat=False, example_shape=(2, 3, 16, 16)))
     with pytest.raises(QuantizationError, match="observer has seen no data"):
         convert_network(prepared)
+
+
+@pytest.mark.slow
+def test_pt2e_int8_covers_a_mobilenetv3_block_except_the_documented_float_ops(tmp_path):
+    """A MobileNetV3 block with hardswish, squeeze-excite and a residual add, lowered to ExecuTorch: its
+    convolutions, ReLU, SE multiply and residual add run int8; what runs float is only what is documented."""
+    available, reason = executorch_available()
+    if not available:
+        pytest.skip(reason)
+    import timm
+
+    from lightning_segcompress.quantization.pt2e_backend import XNNPACK_FLOAT_OPS
+
+    torch.manual_seed(0)
+    block = timm.create_model("mobilenetv3_large_100", pretrained=False).blocks[4][1].eval()
+    channels = block.conv_pw.in_channels
+    prepared = prepare_network(block, QuantizationConfig(backend="pt2e", qat=False,
+                                                         example_shape=(2, channels, 16, 16)))
+    calibrate(prepared, [torch.randn(2, channels, 16, 16) for _ in range(2)])
+    info = export_executorch(convert_network(prepared), torch.randn(1, channels, 16, 16), tmp_path / "block.pte")
+    int8 = {o["op"] for o in info["ops"] if o["dtype"] == "int8"}
+    assert {"aten.convolution.default", "aten.relu.default", "aten.mul.Tensor", "aten.add.Tensor"} <= int8
+    assert not [o for o in info["ops"] if o["op"] == "aten.convolution.default" and o["dtype"] != "int8"]
+    islands = {o["op"] for o in info["float_islands"]}
+    assert islands and islands <= set(XNNPACK_FLOAT_OPS), islands - set(XNNPACK_FLOAT_OPS)

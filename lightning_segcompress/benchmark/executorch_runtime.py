@@ -14,6 +14,7 @@ Flow (ExecuTorch >= 1.0)::
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections import Counter
@@ -80,10 +81,31 @@ def _is_compute(node: torch.fx.Node) -> bool:
             and "executorch_call_delegate" not in _op_name(node))
 
 
+@functools.lru_cache(maxsize=1)
+def _float_only_ops() -> frozenset[str]:
+    """Ops (``hardswish.default``, ``upsample_bilinear2d.vec``, ...) whose XNNPACK partitioner config takes fp32
+    only: XNNPACK computes them in float even between dequantize and quantize (with ``Convert`` ops around)."""
+    try:
+        from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+        from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    except ImportError:
+        return frozenset()
+    names = set()
+    for config_class in ALL_PARTITIONER_CONFIGS:
+        try:
+            config = config_class()
+            if ConfigPrecisionType.STATIC_QUANT not in config.supported_precision_types():
+                names.add(config.target_name)
+        except Exception:  # noqa: BLE001 - a config that cannot say is not counted either way
+            continue
+    return frozenset(names)
+
+
 def _delegated_dtypes(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
     """int8 / float of each compute op of a delegated (XNNPACK) graph: int8 where the op reads only dequantized
     tensors (parameters aside) and its result is only quantized again, directly or through one activation that
-    XNNPACK fuses (the PT2E pattern dq -> op -> q that XNNPACK runs as one int8 op); float otherwise."""
+    XNNPACK fuses (the PT2E pattern dq -> op -> q that XNNPACK runs as one int8 op), unless XNNPACK runs that op
+    in fp32 only (:func:`_float_only_ops`); float otherwise."""
     def reads_dequantized(node):
         inputs = [n for n in node.all_input_nodes if n.op == "call_function"]
         return bool(inputs) and all(_is_dequantize(n) for n in inputs)
@@ -91,12 +113,13 @@ def _delegated_dtypes(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
     def quantized_after(node):
         return bool(node.users) and all(_is_quantize(u) for u in node.users)
 
+    float_only = _float_only_ops()
     dtypes: dict[torch.fx.Node, str] = {}
     for node in graph.nodes:
         if not _is_compute(node) or node in dtypes:
             continue
         dtypes[node] = "float"
-        if not reads_dequantized(node):
+        if not reads_dequantized(node) or _op_name(node).rsplit("aten.", 1)[-1] in float_only:
             continue
         if quantized_after(node):
             dtypes[node] = "int8"

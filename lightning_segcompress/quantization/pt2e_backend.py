@@ -12,6 +12,18 @@ from torch import nn
 from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
 from lightning_segcompress.quantization.tracing import tracing_friendly
 
+# What stays float in a PT2E int8 MobileNetV3 / ResNet segmentation net lowered to ExecuTorch 1.5 (XNNPACK), and why;
+# everything else the XNNPACK quantizer annotates (conv+BN(+ReLU), add, mul, cat, adaptive average pooling) is int8.
+XNNPACK_FLOAT_OPS = {
+    "aten.hardswish.default": "XNNPACK's partitioner takes hardswish in fp32 only",
+    "aten.upsample_bilinear2d.vec": "XNNPACK's partitioner takes bilinear resize in fp32 only",
+    "aten.div.Tensor": "hardsigmoid (the squeeze-excite gate) is decomposed into add, clamp and div; div is fp32 only",
+    "aten.clamp.default": "the clamp of that hardsigmoid decomposition, between float ops",
+    "aten.add.Tensor": "the +3 of that hardsigmoid decomposition (residual adds are int8)",
+    "aten.mean.dim": "timm's squeeze-excite pools with mean(), which the XNNPACK quantizer does not annotate",
+    "dim_order_ops._to_dim_order_copy.default": "NCHW <-> NHWC at the program's input and output (portable kernel)",
+}
+
 _BN_FROZEN = "_segcompress_bn_frozen"
 _GRAPH_MODE = "_segcompress_graph_mode"  # (training, bn_frozen) the graph's ops are in
 
