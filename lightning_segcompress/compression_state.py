@@ -15,9 +15,9 @@ import os
 from collections import OrderedDict
 from typing import Any
 
-import torch
 from torch import nn
 
+from lightning_segcompress.utils.checkpoint_io import read_checkpoint, state_dict_mismatch
 from lightning_segcompress.utils.inspection import find_network
 
 STAGES_ATTRIBUTE = "_segcompress_stages"
@@ -175,10 +175,14 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
     Returns ``model`` (a LightningModule keeps its identity; a bare network that a stage replaces, e.g. a
     quantized one, comes back as the replacement).
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
     model = restore_from_checkpoint(model, checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
-    model.load_state_dict(state_dict, strict=strict)
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as err:
+        raise state_dict_mismatch(checkpoint_path, err, "Build the model exactly as for the run that wrote it.") \
+            from None
     return finish_loading(model)
 
 
@@ -187,8 +191,8 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike, error: typ
     """Load a Lightning checkpoint or a bare state dict into ``network``, whatever prefix the keys carry (``net.``,
     ``model.``), replaying the checkpoint's compression stages first; returns the network (a replacement where a
     stage replaces it). Keys that match under no prefix raise ``error`` with ``hint``."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    checkpoint = read_checkpoint(path, what="weights file")
+    entry = checkpoint.get(CHECKPOINT_KEY)
     if entry:
         network = apply_stages(network, entry["stages"])
     state = checkpoint.get("state_dict", checkpoint)
@@ -197,7 +201,10 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike, error: typ
     for prefix in prefixes:
         candidate = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if set(candidate) == wanted:
-            network.load_state_dict(candidate)
+            try:
+                network.load_state_dict(candidate)
+            except RuntimeError as err:
+                raise error(str(state_dict_mismatch(path, err, hint))) from None
             return finish_loading(network)
     raise error(f"{path} holds no weights for {type(network).__name__}: its keys (e.g. {list(state)[:3]}) do not "
                 f"match the network's (e.g. {list(wanted)[:3]}). {hint}")

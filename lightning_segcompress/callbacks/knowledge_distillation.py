@@ -34,6 +34,7 @@ from lightning_segcompress.distillation.distiller import FEATURE_LOSSES, connect
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.models.segmentation_module import SegmentationModule
 from lightning_segcompress.utils.batch import batch_labels
+from lightning_segcompress.utils.checkpoint_io import read_checkpoint
 from lightning_segcompress.utils.inspection import (
     example_input,
     extract_logits,
@@ -236,7 +237,7 @@ class KnowledgeDistillation(CompressionCallback):
         for path in candidates:
             if path.is_file():
                 rank_zero_info(f"KnowledgeDistillation: snapshot teacher restored from {path}.")
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return read_checkpoint(path, what="snapshot teacher file")
         raise DistillationError(
             f"The resumed fit distils from a snapshot teacher saved to {self.teacher_file}, which does not exist "
             f"(nor {TEACHER_FILE} beside the checkpoint). Copy {TEACHER_FILE} from the original run there or "
@@ -247,7 +248,7 @@ class KnowledgeDistillation(CompressionCallback):
         if isinstance(teacher, nn.Module):
             return find_network(teacher) if isinstance(teacher, pl.LightningModule) else teacher
         if isinstance(teacher, str):
-            checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
+            checkpoint = read_checkpoint(teacher, what="teacher checkpoint")
             if "network" not in checkpoint.get("hyper_parameters", {}):
                 raise DistillationError(
                     f"{teacher} is not a SegmentationModule checkpoint (no network spec in its hyper_parameters). "

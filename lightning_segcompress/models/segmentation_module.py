@@ -19,6 +19,7 @@ from lightning_segcompress.compression_state import (
 )
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.utils.batch import split_batch
+from lightning_segcompress.utils.checkpoint_io import CheckpointError
 from lightning_segcompress.utils.inspection import extract_logits
 
 DEFAULT_NETWORK: dict[str, Any] = {
@@ -83,7 +84,8 @@ class SegmentationModule(pl.LightningModule):
         if poly_power < 0:
             raise ValueError(f"poly_power must be >= 0, got {poly_power}.")
         if weights is not None and not Path(weights).is_file():
-            raise ValueError(f"weights {weights!r} is not a file; give a checkpoint or state dict of this network.")
+            raise CheckpointError(f"The weights file {weights} does not exist (or is not a file); give a checkpoint "
+                                  "or state dict of this network.")
         self.save_hyperparameters(ignore=["network", "weights"])
         if isinstance(network, nn.Module):
             self.net = network
