@@ -273,7 +273,7 @@ def test_pt2e_convert_without_observed_data_names_the_cause():
     pytest.importorskip("executorch")
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
     prepared = prepare_network(net, QuantizationConfig(backend="pt2e", qat=False, example_shape=(2, 3, 16, 16)))
-    with pytest.raises(QuantizationError, match="observer has seen no data"):
+    with pytest.raises(QuantizationError, match=r"observer\(s\) have seen no data"):
         convert_network(prepared)
 
 

@@ -104,6 +104,12 @@ def convert_pt2e(prepared: nn.Module) -> torch.fx.GraphModule:
     """A copy with quantize/dequantize ops (reference int8, fp32 speed until lowered to ExecuTorch)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e as ao_convert_pt2e
 
+    unobserved = [name for name, m in prepared.named_modules() if _saw_no_data(m)]
+    if unobserved:
+        raise QuantizationError(
+            f"{len(unobserved)} observer(s) have seen no data (e.g. {unobserved[0]}): no forward pass ran with "
+            "observers enabled between prepare and convert. Calibrate on at least one batch, or let QAT observe at "
+            "least one epoch before freeze_observer_epoch.")
     model = copy.deepcopy(prepared)
     model.eval()
     _sync_graph_mode(model)  # the graph's batch-norm ops in eval form before they are folded
@@ -120,6 +126,15 @@ def convert_pt2e(prepared: nn.Module) -> torch.fx.GraphModule:
                 "one epoch before freeze_observer_epoch.") from None
     _allow_train_eval(converted, training=False)
     return converted
+
+
+def _saw_no_data(module: nn.Module) -> bool:
+    """An activation observer still at its initial range ([inf, -inf]); per-channel weight observers, which are
+    empty until their first forward, are left to torchao (which then uses default parameters)."""
+    low, high = getattr(module, "min_val", None), getattr(module, "max_val", None)
+    if not isinstance(low, torch.Tensor) or not isinstance(high, torch.Tensor) or low.numel() == 0:
+        return False
+    return bool(torch.isinf(low).all() and torch.isinf(high).all() and (low > high).all())
 
 
 def freeze_batchnorm_pt2e(prepared: nn.Module) -> None:
