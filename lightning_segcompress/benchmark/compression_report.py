@@ -22,6 +22,7 @@ from lightning_segcompress.benchmark.report import (
     accuracy_rows,
     format_value,
     profile_blocks,
+    profile_section,
 )
 from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
 from lightning_segcompress.utils.statistics import paired_bootstrap, per_class_iou
@@ -330,14 +331,8 @@ def write_compression_report(output_dir: str | Path, stages: Mapping[str, dict],
     accuracy_header, accuracy_table_rows = accuracy_rows(stages)
     accuracy_part = ["## Exported-file accuracy", ACCURACY_INTRO, _markdown(accuracy_header, accuracy_table_rows)] \
         if accuracy_header else []
-    blocks = profile_blocks(stages)
-    profile_part = ["## Operator profile", PROFILE_INTRO] if blocks else []
-    for block in blocks:
-        profile_part.append(f"### {block['title']}")
-        if block["rows"]:
-            profile_part.append(_markdown(block["header"], block["rows"]))
-        if block["lines"]:
-            profile_part.append("\n".join(f"- {line}" for line in block["lines"]))
+    blocks = profile_blocks(stages)  # also for the HTML below
+    profile_part = [profile_section(stages).strip()] if blocks else []
     images = [f"![{name}]({path.name})" for name, path in written.items()]
     markdown = "\n\n".join(["# Compression report", intro, compression_table(stages), *class_section,
                              *accuracy_part, *profile_part, *images]) + "\n"

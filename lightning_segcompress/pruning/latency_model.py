@@ -51,10 +51,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lightning_segcompress.benchmark.runner import LogitsOnly
 from lightning_segcompress.benchmark.timing import num_threads
 from lightning_segcompress.pruning.graph import build_graph
 from lightning_segcompress.pruning.importance import ROOT_TYPES, group_layers, is_out_pruning, owner_names
-from lightning_segcompress.utils.inspection import copy_without_hooks, extract_logits, output_tensors
+from lightning_segcompress.utils.inspection import copy_without_hooks, output_tensors
 
 RUNTIMES = ("executorch", "torchscript_lite", "eager")
 DEFAULT_LEVELS = (1.0, 0.5, 0.25)
@@ -155,15 +156,6 @@ class LayerTimer(Protocol):
     def time_network(self, network: nn.Module, example: torch.Tensor) -> float: ...
 
 
-class _Logits(nn.Module):
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return extract_logits(self.network(x))
-
-
 class RuntimeTimer:
     """Exports a module to ``runtime``, loads it back and returns the minimum latency (ms) of ``runs`` runs after
     ``warmup`` runs, on ``threads`` CPU threads (``None``: torch's and ExecuTorch's defaults). Layer timings are
@@ -190,7 +182,7 @@ class RuntimeTimer:
 
     def time_network(self, network: nn.Module, example: torch.Tensor) -> float:
         """The whole network (its logits), exported like the DeviceBenchmark does; ``network`` is not changed."""
-        model = _Logits(copy_without_hooks(network).cpu()).eval()
+        model = LogitsOnly(copy_without_hooks(network).cpu()).eval()
         return self.time_module(model, example.detach().cpu())
 
     def time_module(self, module: nn.Module, x: torch.Tensor) -> float:
