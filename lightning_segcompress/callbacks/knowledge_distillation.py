@@ -41,6 +41,7 @@ from lightning_segcompress.utils.inspection import (
     find_classifier_layers,
     find_network,
 )
+from lightning_segcompress.utils.precision import follow
 from lightning_segcompress.utils.shapes import checked_input_size
 
 TEACHER_FILE = "teacher_snapshot.pt"
@@ -157,7 +158,7 @@ class KnowledgeDistillation(CompressionCallback):
             teacher, self.active = None, False
         else:
             teacher, self.active = self._build_teacher(student, example), True
-            teacher.to(example.device)
+            follow(teacher, student)  # built or loaded on the CPU in float32: to the student's device and dtype
         feature_default = _classifier_inputs(student, teacher or student, example) \
             if set(self.losses) & set(FEATURE_LOSSES) else None
         self.distiller = Distiller(student, teacher, self.losses, self.hints, self.ignore_index,
@@ -186,10 +187,9 @@ class KnowledgeDistillation(CompressionCallback):
         elif self.teacher == "snapshot" and self.snapshot_at == "fit_start" and not self.active:
             del template
             self._take_snapshot(trainer, snapshot(student))
-        device = next(student.parameters()).device
-        if self.distiller.teacher is not None:
-            self.distiller.teacher.to(device)
-        self.distiller.connectors.to(device)
+        if self.distiller.teacher is not None:  # Lightning moved the student (e.g. to the GPU) since setup
+            follow(self.distiller.teacher, student)
+        follow(self.distiller.connectors, student)
         self._sync_connectors()
 
     def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -213,8 +213,7 @@ class KnowledgeDistillation(CompressionCallback):
         broadcast_from_rank_zero([*connectors.parameters(), *connectors.buffers()])
 
     def _set_teacher(self, teacher: nn.Module) -> None:
-        device = next(self.distiller.student.parameters()).device
-        self.distiller.set_teacher(teacher.to(device))
+        self.distiller.set_teacher(follow(teacher, self.distiller.student))
         self.active = True
 
     def _take_snapshot(self, trainer: pl.Trainer, teacher: nn.Module) -> None:

@@ -45,6 +45,7 @@ class QuantizationCallback(CompressionCallback):
         self.monitor = monitor
         self.network_attribute = network_attribute
         self.pre_int8_metric: float | None = None  # last validation ``monitor`` before conversion
+        self._announced = False  # the int8-on-CPU policy was logged
 
     # ---- Lightning hooks -------------------------------------------------------------------------------
 
@@ -73,9 +74,16 @@ class QuantizationCallback(CompressionCallback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             self.convert(trainer, pl_module)
+            self._announce_if_int8(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.convert(trainer, pl_module)
+        self._announce_if_int8(trainer, pl_module)
+
+    def _announce_if_int8(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(pl_module)
+        if stage is not None and stage["converted"]:  # converted here, at fit end, or restored from a checkpoint
+            self._announce_int8_device(trainer)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_pre_int8_metric(trainer, pl_module)
@@ -120,8 +128,20 @@ class QuantizationCallback(CompressionCallback):
         prepared = self.network(pl_module)
         # every DDP rank converts rank 0's ranges, scales and BN statistics
         broadcast_from_rank_zero(prepared.buffers())
-        converted = convert_network(prepared)
+        converted = convert_network(prepared)  # a CPU int8 network, pinned there (see pin_to_cpu)
         replace_network(pl_module, network_path(pl_module, prepared), converted)
+        self._announce_int8_device(trainer)
+
+    def _announce_int8_device(self, trainer: pl.Trainer) -> None:
+        """Say once where the int8 network runs when the trainer is not on the CPU: validate/test run it there."""
+        device = trainer.strategy.root_device
+        if device.type == "cpu" or self._announced:
+            return
+        self._announced = True
+        rank_zero_info(f"{type(self).__name__}: the int8 network stays on the CPU (int8 kernels are CPU kernels); "
+                       f"validate/test on {device} run it there in float32 without autocast (inputs moved to the "
+                       f"CPU, outputs back to {device}); the rest of the LightningModule stays on {device}. "
+                       "Checkpoints and exports hold the int8 network itself.")
 
     def _measures_model_to_convert(self, stage: dict | None) -> bool:
         """Whether a validation during fit, with the network at ``stage``, measured what will become int8."""
@@ -151,6 +171,12 @@ class QuantizationAwareTraining(QuantizationCallback):
     ``SegmentationModule.load_from_checkpoint`` and :func:`lightning_segcompress.load_compressed` prepare the
     network again before its weights load. ``validate``/``test`` with this callback convert a restored
     fake-quant network to int8 first.
+
+    GPU and mixed precision: the fake-quant network trains on the trainer's device; under ``16-mixed`` /
+    ``bf16-mixed`` it runs in float32 with autocast off (fake quantization and observers take float32), the rest of
+    the step keeps autocast. Conversion runs on a CPU copy, and the int8 network stays on the CPU for good: on a
+    GPU trainer ``validate``/``test`` run it on the CPU (inputs moved there, outputs back; logged once), while the
+    rest of the LightningModule stays on the GPU.
 
     Args:
         backend: ``"pt2e"`` (default: torch.export + torchao PT2E with the XNNPACK quantizer; int8 on ExecuTorch,

@@ -44,6 +44,7 @@ from lightning_segcompress.shunt import (
 )
 from lightning_segcompress.shunt.surgery import STAGE_KIND, modules_before, restored_on_failure
 from lightning_segcompress.utils.inspection import count_macs, count_params, example_input
+from lightning_segcompress.utils.precision import autocast_disabled, follow
 from lightning_segcompress.utils.shapes import checked_input_size
 
 RESOURCES = ("params", "macs")
@@ -240,9 +241,8 @@ class ShuntReplacement(CompressionCallback):
     # ---- stage A ---------------------------------------------------------------------------------------------
 
     def _begin_stage_a(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        device = next(network.parameters()).device
         if self.shunt is None:
-            self.shunt = Shunt(self.plan.config).to(device)
+            self.shunt = follow(Shunt(self.plan.config), network)  # the network's device and dtype
             broadcast_from_rank_zero([*self.shunt.parameters(), *self.shunt.buffers()])
             self.optimizer = torch.optim.Adam(self.shunt.parameters(), lr=self.shunt_lr)
             if "shunt" in self._pending:
@@ -288,7 +288,9 @@ class ShuntReplacement(CompressionCallback):
             raise ShuntError(f"blocks {self.plan.names[0]} .. {self.plan.names[-1]} did not run in training_step, so "
                              "the shunt has nothing to learn from: training_step must call the network.")
         source, target = self._capture.pop("input").detach(), self._capture.pop("output").detach()
-        mse = F.mse_loss(self.shunt(source), target)
+        predicted = self.shunt(source)  # under the trainer's autocast, like the network it replaces
+        with autocast_disabled([source.device]):  # the error itself in float32
+            mse = F.mse_loss(predicted.float(), target.float())
         pl_module.log("shunt/stage_a_mse", mse.detach(), on_step=True, on_epoch=True)
         return mse
 

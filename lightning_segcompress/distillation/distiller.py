@@ -17,6 +17,7 @@ from lightning_segcompress.compression_state import apply_stages, get_stages
 from lightning_segcompress.distillation.capture import DistillationError, ForwardCapture
 from lightning_segcompress.distillation.losses import DEFAULTS, LOSSES, feature_hint, make_connector
 from lightning_segcompress.utils.inspection import extract_logits, frozen_copy
+from lightning_segcompress.utils.precision import autocast_disabled, floating_dtype
 
 LOGIT_LOSSES = ("pixel_kl", "cwd", "ace")
 # Losses on feature maps: each compares its own student_layer / teacher_layer (default: the classifier's input).
@@ -183,7 +184,9 @@ class Distiller:
         wanted = None if student_channels == teacher_channels else (student_channels, teacher_channels)
         if key in self.connectors and connector_channels(self.connectors[key]) == wanted:
             return  # unchanged; a student pruned at this layer gets a new connector (old one cannot be sliced)
-        self.connectors[key] = make_connector(student_channels, teacher_channels).to(device)
+        # on the student's device and in its dtype (a connector maps the student's features)
+        self.connectors[key] = make_connector(student_channels, teacher_channels).to(
+            device=device, dtype=floating_dtype(self.student))
 
     # ---- per step -------------------------------------------------------------------------------------------
 
@@ -193,7 +196,8 @@ class Distiller:
             dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
             autocast = torch.autocast(images.device.type, dtype=dtype)
         with torch.no_grad(), autocast:
-            return self.teacher(images)
+            return self.teacher(images.to(floating_dtype(self.teacher, images.dtype)) if images.is_floating_point()
+                                else images)
 
     def compute(self, target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, {loss name: unweighted value})`` for the student's latest forward."""
@@ -204,7 +208,18 @@ class Distiller:
             raise RuntimeError("the student network did not run since the last distillation step: call the "
                                "network (inside training_step) before asking for the distillation loss.")
         self._run_teacher(capture.inputs)
-        student = extract_logits(capture.output)
+        # connectors are part of the student's computation (under the caller's autocast, in the student's dtype) ...
+        hinted = {f"hint{i}": self.connectors[f"hint{i}"](capture.features[f"hint{i}"]) for i in range(len(self.hints))}
+        # ... the losses are computed in float32 with autocast off (a bf16 KL divergence or softmax loses the tails)
+        with autocast_disabled([extract_logits(capture.output).device]):
+            total, terms = self._losses(capture, target, hinted)
+        capture.clear()
+        self.teacher_capture.clear()
+        return total, terms
+
+    def _losses(self, capture, target: torch.Tensor | None,
+                hinted: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student = extract_logits(capture.output).float()
         teacher = extract_logits(self.teacher_capture.output).detach().float()
         terms: dict[str, torch.Tensor] = {}
         for name, options in self.losses.items():
@@ -222,7 +237,7 @@ class Distiller:
             elif name == "ace":
                 terms[name] = LOSSES[name](student, teacher, target, **kwargs)
             elif name in FEATURE_LOSSES:
-                features = (capture.features[name], self.teacher_capture.features[name].detach().float())
+                features = (capture.features[name].float(), self.teacher_capture.features[name].detach().float())
                 labels = (target,) if name in LABEL_LOSSES else ()
                 terms[name] = LOSSES[name](*features, *labels, **kwargs)
             else:
@@ -230,15 +245,12 @@ class Distiller:
         hint_total = None
         for i, hint in enumerate(self.hints):
             key = f"hint{i}"
-            value = feature_hint(self.connectors[key](capture.features[key]),
-                                 self.teacher_capture.features[key].detach().float())
+            value = feature_hint(hinted[key].float(), self.teacher_capture.features[key].detach().float())
             terms[key] = value
             hint_total = value * hint["weight"] if hint_total is None else hint_total + value * hint["weight"]
         total = sum(self.losses[name]["weight"] * terms[name] for name in self.losses)
         if hint_total is not None:
             total = total + hint_total
-        capture.clear()
-        self.teacher_capture.clear()
         return total, terms
 
 

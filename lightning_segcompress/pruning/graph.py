@@ -15,6 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_segcompress.utils.inspection import count_macs, count_params, output_tensors
+from lightning_segcompress.utils.precision import autocast_disabled
 
 History = list[list]  # [[module_name: str, is_out_channels: bool, indices: list[int]], ...]
 METRICS = ("macs", "params", "channels")
@@ -35,7 +36,7 @@ def build_graph(network: nn.Module, example: torch.Tensor) -> tp.DependencyGraph
     try:
         for p in frozen:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_disabled([example.device]):  # traced on the example's device, no casts
             return tp.DependencyGraph().build_dependency(
                 network, example_inputs=example, output_transform=output_tensors, verbose=False
             )

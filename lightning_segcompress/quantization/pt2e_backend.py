@@ -101,7 +101,8 @@ def prepare_pt2e(network: nn.Module, config: QuantizationConfig, example: torch.
 
 
 def convert_pt2e(prepared: nn.Module) -> torch.fx.GraphModule:
-    """A copy with quantize/dequantize ops (reference int8, fp32 speed until lowered to ExecuTorch)."""
+    """A CPU copy with quantize/dequantize ops (reference int8, fp32 speed until lowered to ExecuTorch);
+    ``prepared`` stays where it is (e.g. on the GPU it trained on)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e as ao_convert_pt2e
 
     unobserved = [name for name, m in prepared.named_modules() if _saw_no_data(m)]
@@ -110,7 +111,7 @@ def convert_pt2e(prepared: nn.Module) -> torch.fx.GraphModule:
             f"{len(unobserved)} observer(s) have seen no data (e.g. {unobserved[0]}): no forward pass ran with "
             "observers enabled between prepare and convert. Calibrate on at least one batch, or let QAT observe at "
             "least one epoch before freeze_observer_epoch.")
-    model = copy.deepcopy(prepared)
+    model = copy.deepcopy(prepared).cpu()
     model.eval()
     _sync_graph_mode(model)  # the graph's batch-norm ops in eval form before they are folded
     with warnings.catch_warnings():
