@@ -32,9 +32,19 @@ from lightning_segcompress.benchmark.report import add_stage, flat_metrics
 from lightning_segcompress.callbacks._validation import labelled_validation_batches
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
 from lightning_segcompress.compression_state import get_stages
+from lightning_segcompress.export.bundle import (
+    RUNTIME_SUFFIXES,
+    bundle_from_report,
+    data_normalization,
+    metadata_path,
+    write_bundle,
+)
+from lightning_segcompress.quantization.quantize import quantization_stage
 from lightning_segcompress.utils.inspection import has_int8_modules
 from lightning_segcompress.utils.shapes import input_shape
 from lightning_segcompress.utils.statistics import miou_from_confusion, per_image_confusion
+
+ARTIFACT_RUNTIMES = tuple(RUNTIME_SUFFIXES)  # the runtimes with a file to ship (not eager)
 
 
 class DeviceBenchmark(CompressionCallback):
@@ -114,6 +124,13 @@ class DeviceBenchmark(CompressionCallback):
         exported_miou: also score the val mIoU of each exported file, run by its own runtime, on the
             ``eval_batches`` validation images (fitted to ``input_size``) against eager's on the same inputs.
         max_miou_gap: largest gap (points) between an exported file's val mIoU and eager's that is not flagged.
+        save_artifact: after the final benchmark (fit end), write the final network's deployable bundle, the same
+            files as ``segcompress export``, for each exported runtime: ``<output_dir>/artifact/executorch/model.pte``
+            and ``<output_dir>/artifact/torchscript_lite/model.ptl``, each with its ``model.json`` (classes, input
+            size, normalization, stages, int8 or not, latency and val mIoU of the file; see
+            :func:`~lightning_segcompress.export.write_bundle`). The final stage's files and measurements are reused;
+            a quantization-prepared (fake-quant) network is converted to int8 on a copy and exported again. A
+            failure is warned about, never raised.
         tolerance: deprecated spelling of ``atol``.
 
     Example::
@@ -157,6 +174,7 @@ class DeviceBenchmark(CompressionCallback):
         profile: bool = True,
         exported_miou: bool = True,
         max_miou_gap: float = 0.2,
+        save_artifact: bool = False,
         tolerance: float | None = None,
     ) -> None:
         atol = self.take_renamed("tolerance", "atol", tolerance, atol, 1e-3)
@@ -195,6 +213,12 @@ class DeviceBenchmark(CompressionCallback):
         self.samples = samples
         self.ignore_index = ignore_index
         self.exported_miou = exported_miou
+        if not isinstance(save_artifact, bool):
+            raise ValueError(f"save_artifact must be true or false, got {save_artifact!r}.")
+        if save_artifact and not any(r in ARTIFACT_RUNTIMES for r in self.settings.runtimes):
+            raise ValueError(f"save_artifact needs an exported runtime in runtimes ({list(ARTIFACT_RUNTIMES)}), got "
+                             f"{list(self.settings.runtimes)}.")
+        self.save_artifact = save_artifact
         self.stages: dict[str, dict] = {}
         self.confusions: dict[str, torch.Tensor] = {}  # per stage: per-image confusion matrices [N, C, C]
         self.technique: str | None = None  # the compression technique at work now
@@ -216,6 +240,8 @@ class DeviceBenchmark(CompressionCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.measure_at_fit_end:
             self.measure(trainer, pl_module, "final")
+        if self.save_artifact and trainer.is_global_zero:
+            self.write_artifacts(trainer, pl_module)
         if self.write_compression_report and trainer.is_global_zero and self.stages:
             self.write_compression_report_files(trainer, pl_module)
 
@@ -265,6 +291,44 @@ class DeviceBenchmark(CompressionCallback):
         rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n\n"
                        f"{memory_table(self.stages)}\n")
         return report
+
+    def write_artifacts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict]:
+        """The final network's bundle (file + ``model.json``) per exported runtime under ``<output_dir>/artifact``;
+        returns the metadata per runtime written (failures are warned about and left out)."""
+        output_dir = self.run_dir(trainer, "benchmark")
+        network = self.network(pl_module)
+        datamodule = getattr(trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
+        options = {"class_names": list(names) if names is not None else None,
+                   "normalization": data_normalization(datamodule) if datamodule is not None else None,
+                   "threads": self.settings.threads}
+        final = (self.stages.get("final") or {}).get("report") or {}
+        stage = quantization_stage(network)
+        reuse = self.measure_at_fit_end and bool(final) and (stage is None or stage["converted"])
+        evaluation = None
+        if not reuse and self.exported_miou:
+            batches = self._validation_batches(trainer)
+            evaluation = self._evaluation_set("artifact", batches) if batches else None
+        written = {}
+        for runtime in (r for r in self.settings.runtimes if r in ARTIFACT_RUNTIMES):
+            output = output_dir / "artifact" / runtime / f"model{RUNTIME_SUFFIXES[runtime]}"
+            try:
+                if reuse:
+                    written[runtime] = bundle_from_report(network, final, runtime,
+                                                          output_dir / "final" / f"model{RUNTIME_SUFFIXES[runtime]}",
+                                                          output, **options)
+                else:
+                    written[runtime] = write_bundle(
+                        network, runtime, self.settings.input_shape[2:], output,
+                        batch_size=self.settings.input_shape[0], evaluation=evaluation, warmup=self.settings.warmup,
+                        runs=self.settings.runs, atol=self.settings.tolerance, isolate=self.settings.isolate,
+                        **options)
+            except Exception as err:  # noqa: BLE001 - never lose a training run to an export
+                rank_zero_warn(f"DeviceBenchmark could not save the {runtime} artifact: {type(err).__name__}: {err}")
+                continue
+            rank_zero_info(f"DeviceBenchmark: {runtime} artifact written to {output} and {metadata_path(output)} "
+                           f"({'int8' if written[runtime]['int8'] else 'float32'}).")
+        return written
 
     def _record(self, trainer: pl.Trainer, stage: str, run, *args, **kwargs) -> dict:
         try:

@@ -161,10 +161,16 @@ def _has_parameters(module: nn.Module) -> bool:
 
 
 def input_channels(network: nn.Module) -> int:
-    """Input channels of the first convolution in the network (3 for RGB segmentation nets)."""
+    """Input channels of the first convolution in the network (3 for RGB segmentation nets); for a traced graph
+    (e.g. PT2E, whose convolutions are graph ops, not modules) the channels of its 4-D input."""
     for m in network.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels
+    graph = getattr(network, "graph", None)
+    for node in getattr(graph, "nodes", ()):
+        value = node.meta.get("val", node.meta.get("example_value")) if node.op == "placeholder" else None
+        if getattr(value, "ndim", 0) == 4:
+            return int(value.shape[1])
     raise ValueError(f"{type(network).__name__} has no nn.Conv2d; pass the input shape explicitly.")
 
 

@@ -1,0 +1,162 @@
+"""``segcompress export``: from a trained (compressed) checkpoint to the file to ship (``.pte`` / ``.ptl``) and its
+``model.json``.
+
+Only the standard library is imported at module level: torch, Lightning and the package's heavy modules are imported
+inside :func:`export`, so that ``segcompress export --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+RUNTIMES = ("executorch", "torchscript_lite")
+
+
+def export(
+    ckpt: str | None = None,
+    network: dict[str, Any] | None = None,
+    recipe: str | None = None,
+    model_class: str | None = None,
+    network_attribute: str | None = None,
+    num_classes: int | None = 6,
+    runtime: str = "executorch",
+    input_size: list[int] = (512, 512),
+    batch_size: int = 1,
+    output: str | None = None,
+    data: dict[str, Any] | None = None,
+    eval_batches: int = 8,
+    class_names: list[str] | None = None,
+    threads: int | None = None,
+    warmup: int = 3,
+    runs: int = 10,
+    atol: float = 1e-3,
+    int8_agreement: float = 0.85,
+) -> dict:
+    """Write the file to ship (ExecuTorch ``.pte`` or TorchScript lite ``.ptl``) and ``model.json`` next to it.
+
+    ``model.json`` (same stem as the file) holds the class count and names, the input size, the normalization, the
+    compression stages, params and MACs, whether the file is int8, its size, the runtime and versions, the latency
+    measured here and, with ``--data``, the val mIoU of the exported file itself next to eager's on the same
+    images. A QAT / PTQ checkpoint whose network is still the fake-quant one is exported as int8 (converted on a
+    copy). The exported file's output is checked against eager; a failure writes nothing.
+
+    Args:
+        ckpt: Lightning checkpoint to export (compressed ones too: their stages are replayed).
+        network: network spec ``{"class_path": ..., "init_args": {...}}`` (random weights), instead of ``ckpt``.
+        recipe: ``segcompress`` YAML config whose ``model:`` builds the LightningModule of ``ckpt`` (or, alone,
+            the network with random weights).
+        model_class: LightningModule class of ``ckpt`` when no recipe is given, built from its stored
+            hyperparameters (default: the class LightningCLI recorded in it, else
+            ``lightning_segcompress.SegmentationModule``).
+        network_attribute: attribute path of the network in the LightningModule (default: found automatically).
+        num_classes: classes of a ``network`` spec.
+        runtime: ``executorch`` (``.pte``, XNNPACK) or ``torchscript_lite`` (``.ptl``, PyTorch Mobile lite
+            interpreter).
+        input_size: ``[H, W]`` of the exported (static) input, e.g. ``--input_size 512 512``.
+        batch_size: batch size of the exported input.
+        output: the file to write; default ``model.pte`` (executorch) or ``model.ptl`` (torchscript_lite); its
+            suffix must match the runtime. ``model.json`` goes next to it.
+        data: LightningDataModule spec ``{"class_path": ..., "init_args": {...}}``: score the exported file's val
+            mIoU on its first ``eval_batches`` validation batches, and take the normalization (and class names,
+            where it has ``class_names``) from it.
+        eval_batches: validation batches scored with ``--data``.
+        class_names: class names for ``model.json`` (default: the data module's, else ``class_0`` ...).
+        threads: CPU threads for timing the file here (default: torch's).
+        warmup: untimed runs of the file before timing.
+        runs: timed runs of the file (the median is recorded).
+        atol: largest accepted absolute difference between the file's output and eager's (int8 files: at least
+            ``int8_agreement`` of the pixels must get eager's class instead).
+        int8_agreement: least share of pixels on which an int8 file must predict the class the int8 network predicts
+            in eager (a broken export agrees on about 1 / classes).
+
+    Returns:
+        The content of ``model.json``.
+    """
+    import os
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose --runtime executorch (.pte) or torchscript_lite "
+                         "(.ptl).")
+    if eval_batches < 1:
+        raise ValueError(f"eval_batches must be >= 1, got {eval_batches}.")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lightning_segcompress.export.bundle import check_output_path, metadata_path, write_bundle
+
+    output_path = check_output_path(runtime, output)
+    from lightning_segcompress.loading import load_network
+
+    model = load_network(ckpt=ckpt, network=network, recipe=recipe, model_class=model_class,
+                         num_classes=num_classes, network_attribute=network_attribute).eval()
+    from lightning_segcompress.export.bundle import IMAGENET_NORMALIZATION
+
+    evaluation, data_class_names = None, None
+    normalization = {**IMAGENET_NORMALIZATION, "source": "ImageNet defaults (no --data given)"}
+    if data is not None:
+        evaluation, normalization, data_class_names = _from_data(data, eval_batches, input_size, batch_size)
+    metadata = write_bundle(model, runtime, input_size, output_path, batch_size=batch_size,
+                            class_names=class_names if class_names is not None else data_class_names,
+                            normalization=normalization, evaluation=evaluation, threads=threads, warmup=warmup,
+                            runs=runs, atol=atol, int8_agreement=int8_agreement)
+    print(summary(metadata, output_path, metadata_path(output_path)))
+    return metadata
+
+
+def summary(metadata: dict, output, json_path) -> str:
+    """A few lines about the written bundle."""
+    latency = metadata.get("latency") or {}
+    lines = [f"written: {output} ({metadata['size_bytes'] / 1e6:.2f} MB, {metadata['runtime']}, "
+             f"{'int8' if metadata['int8'] else 'float32'}) and {json_path}",
+             f"input {metadata['input']['batch_size']}x{metadata['input']['channels']}x"
+             f"{'x'.join(str(s) for s in metadata['input_size'])}, {metadata['num_classes']} classes"]
+    if latency.get("median_ms") is not None:
+        lines.append(f"latency here: {latency['median_ms']:.2f} ms median ({latency['threads']} threads)")
+    accuracy = metadata.get("accuracy") or {}
+    if accuracy.get("val_miou") is not None:
+        lines.append(f"val mIoU of the file: {accuracy['val_miou']:.4f} (eager {accuracy['eager_val_miou']:.4f}, "
+                     f"{accuracy['images']} images)")
+    elif accuracy.get("error"):
+        lines.append(f"val mIoU not measured: {accuracy['error']}")
+    return "\n".join(lines)
+
+
+def _from_data(spec: dict[str, Any], eval_batches: int, input_size: Sequence[int], batch_size: int):
+    """The EvalSet of ``eval_batches`` validation batches of the data module ``spec``, its normalization and its
+    class names (None where it has none)."""
+    from lightning_segcompress.benchmark.accuracy import EvalSet
+    from lightning_segcompress.export.bundle import data_normalization
+    from lightning_segcompress.models.factory import resolve_class_path
+    from lightning_segcompress.utils.batch import split_batch
+    from lightning_segcompress.utils.shapes import input_shape
+
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"--data is a LightningDataModule spec {{'class_path': ..., 'init_args': {{...}}}}, got "
+                         f"{spec!r}.")
+    datamodule = resolve_class_path(spec["class_path"])(**dict(spec.get("init_args") or {}))
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    datamodule.setup("validate")
+    batches = []
+    for batch in datamodule.val_dataloader():
+        images, masks = split_batch(batch)
+        if masks is not None:
+            batches.append((images, masks))
+        if len(batches) >= eval_batches:
+            break
+    if not batches:
+        raise ValueError(f"{spec['class_path']} has no labelled validation batches to score the exported file on.")
+    ignore_index = getattr(datamodule, "ignore_index", 255)
+    evaluation = EvalSet.from_batches(batches, input_shape(input_size, batch_size), ignore_index)
+    names = getattr(datamodule, "class_names", None)
+    return evaluation, data_normalization(datamodule), list(names) if names is not None else None
+
+
+def main(args: list[str] | None = None):
+    """``segcompress export``."""
+    from lightning_segcompress.cli_tools import run_tool
+
+    return run_tool(export, args, prog="segcompress export")
+
+
+if __name__ == "__main__":
+    main()
