@@ -1,58 +1,22 @@
-"""``segcompress-benchmark``: the DeviceBenchmark measurements for a checkpoint or network, without training."""
+"""``segcompress benchmark``: the DeviceBenchmark measurements for a checkpoint or network, without training."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import CLI
-
-from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table, write_report
-from lightning_segcompress.benchmark.report import add_stage
-from lightning_segcompress.models.factory import build_network, resolve_class_path
-from lightning_segcompress.utils.inspection import find_network
-from lightning_segcompress.utils.shapes import input_shape
-
-
-def load_network(
-    checkpoint: str | None, network: dict[str, Any] | None, model_class: str, num_classes: int | None,
-    network_attribute: str | None = None, recipe: str | None = None,
-):
-    """The network of a checkpoint, a network spec or (``recipe``) the ``model`` of a ``segcompress`` YAML config."""
-    if sum(source is not None for source in (checkpoint, network, recipe)) != 1:
-        sources = "a checkpoint (--checkpoint) or a network spec (--network)"
-        raise ValueError(f"Give exactly one of {sources}{' or a recipe (--recipe)' if recipe else ''}.")
-    if recipe is not None:
-        return find_network(module_from_recipe(recipe), network_attribute)
-    if network is not None:
-        return build_network(network, num_classes=num_classes)
-    module = resolve_class_path(model_class).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    return find_network(module, network_attribute)
-
-
-def module_from_recipe(path: str):
-    """Instantiate the ``model:`` section of a LightningCLI config (random weights) the way ``segcompress`` does."""
-    import pytorch_lightning as pl
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    if "model" not in config:
-        raise ValueError(f"{path} has no 'model:' section; give a segcompress/LightningCLI config.")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(pl.LightningModule, "model")
-    return parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
+from lightning_segcompress.loading import load_network
 
 
 def benchmark(
-    checkpoint: str | None = None,
+    ckpt: str | None = None,
     network: dict[str, Any] | None = None,
-    baseline_checkpoint: str | None = None,
+    recipe: str | None = None,
+    baseline_ckpt: str | None = None,
     baseline_network: dict[str, Any] | None = None,
-    model_class: str = "lightning_segcompress.SegmentationModule",
+    model_class: str | None = None,
     network_attribute: str | None = None,
-    num_classes: int | None = 19,
+    num_classes: int | None = 6,
     input_size: list[int] = (512, 512),
     batch_size: int = 1,
     runtimes: list[str] = ("eager", "torchscript_lite", "executorch"),
@@ -63,14 +27,17 @@ def benchmark(
     profile: bool = True,
     output_dir: str = "runs/benchmark",
 ) -> dict:
-    """Benchmark a model from a checkpoint or a network spec; optionally compare it with a baseline.
+    """Benchmark a model from a checkpoint, a network spec or a recipe; optionally compare it with a baseline.
 
     Args:
-        checkpoint: Lightning checkpoint of ``model_class`` to measure.
+        ckpt: Lightning checkpoint to measure (compressed ones too).
         network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
-        baseline_checkpoint: checkpoint to compare against (ratios are baseline / model).
+        recipe: or a ``segcompress`` YAML config: its ``model`` (random weights; with ``ckpt``: how to build the
+            checkpoint's module).
+        baseline_ckpt: checkpoint to compare against (ratios are baseline / model).
         baseline_network: or a network spec to compare against.
-        model_class: LightningModule class of the checkpoints.
+        model_class: LightningModule class of the checkpoint, built from its stored hyperparameters (default: the class
+            LightningCLI recorded in it, else ``lightning_segcompress.SegmentationModule``).
         network_attribute: attribute path of the network in that module (default: found automatically).
         num_classes: classes for network specs that take ``classes``/``num_classes``.
         input_size: ``[H, W]`` of the benchmark input (``[N, C, H, W]`` is deprecated).
@@ -83,15 +50,20 @@ def benchmark(
         profile: also record the time per operator of every runtime (separate runs after the timed ones).
         output_dir: where the exported models, benchmark.json and benchmark.md go.
     """
-    settings = BenchmarkSettings(input_shape=input_shape(input_size, batch_size, owner="segcompress-benchmark"),
+    from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, markdown_table, write_report
+    from lightning_segcompress.benchmark.report import add_stage
+    from lightning_segcompress.utils.shapes import input_shape
+
+    settings = BenchmarkSettings(input_shape=input_shape(input_size, batch_size, owner="segcompress benchmark"),
                                  runtimes=tuple(runtimes), threads=threads, warmup=warmup, runs=runs, tolerance=atol,
                                  profile=profile)
     out = Path(output_dir)
     stages: dict[str, dict] = {}
-    if baseline_checkpoint is not None or baseline_network is not None:
-        base = load_network(baseline_checkpoint, baseline_network, model_class, num_classes, network_attribute)
+    if baseline_ckpt is not None or baseline_network is not None:
+        base = load_network(baseline_ckpt, baseline_network, recipe if baseline_ckpt else None, model_class,
+                            num_classes, network_attribute)
         add_stage(stages, "baseline", benchmark_network(base, settings, out / "baseline"))
-    model = load_network(checkpoint, network, model_class, num_classes, network_attribute)
+    model = load_network(ckpt, network, recipe, model_class, num_classes, network_attribute)
     add_stage(stages, "model", benchmark_network(model, settings, out / "model"))
     write_report(out, stages, settings.as_dict())
     print(markdown_table(stages))
@@ -100,8 +72,10 @@ def benchmark(
 
 
 def main(args: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    CLI(benchmark, args=args)
+    """``segcompress-benchmark``: an alias of ``segcompress benchmark``."""
+    from lightning_segcompress.cli import tool_main
+
+    tool_main("benchmark", args)
 
 
 if __name__ == "__main__":

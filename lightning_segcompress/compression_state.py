@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_segcompress.utils.checkpoint_io import read_checkpoint, state_dict_mismatch
+from lightning_segcompress.utils.checkpoint_io import CheckpointError, read_checkpoint, state_dict_mismatch
 from lightning_segcompress.utils.inspection import find_network
 
 STAGES_ATTRIBUTE = "_segcompress_stages"
@@ -208,3 +208,41 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike, error: typ
             return finish_loading(network)
     raise error(f"{path} holds no weights for {type(network).__name__}: its keys (e.g. {list(state)[:3]}) do not "
                 f"match the network's (e.g. {list(wanted)[:3]}). {hint}")
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, network_attribute: str | None = None) -> nn.Module:
+    """Start any LightningModule (or bare network) ``module`` from trained weights, e.g. to compress a trained model:
+    a Lightning checkpoint of the same module (compressed ones too) is loaded whole with :func:`load_compressed`;
+    anything else (another wrapper's checkpoint, a bare state dict, keys with or without a ``net.``/``model.``
+    prefix) into the module's network (``network_attribute``, default: found automatically). Returns ``module``
+    (a bare network that a stage replaces comes back as the replacement)."""
+    checkpoint = read_checkpoint(path, what="weights file")
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict) and _same_module(module, checkpoint):
+        return load_compressed(module, path)
+    wrapper = network_attribute is not None or hasattr(module, "training_step")  # a LightningModule, duck-typed
+    network = find_network(module, network_attribute) if wrapper else module
+    hint = (f"Give weights written for this {type(module).__name__} (a checkpoint of it, or a state dict of its "
+            "network).")
+    if network is module:
+        return load_network_weights(module, path, CheckpointError, hint)
+    loaded = load_network_weights(network, path, CheckpointError, hint)
+    if loaded is not network:
+        replace_network(module, network_path(module, network), loaded)
+    return module
+
+
+def _same_module(module: nn.Module, checkpoint: dict) -> bool:
+    """Whether ``checkpoint`` was written by a module like ``module`` (same keys, or its compressed network sits
+    at a path ``module`` has)."""
+    if set(checkpoint["state_dict"]) == set(module.state_dict()):
+        return True
+    entry = checkpoint.get(CHECKPOINT_KEY) or {}
+    path = entry.get("network_attribute")
+    if not entry or path is None:
+        return False
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

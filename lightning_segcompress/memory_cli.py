@@ -1,29 +1,21 @@
-"""``segcompress-memory``: the activation memory report (naive, planned arena, lower bound, measured peak) of a
+"""``segcompress memory``: the activation memory report (naive, planned arena, lower bound, measured peak) of a
 checkpoint or network spec, untiled and tiled, without training."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from jsonargparse import CLI
-
-from lightning_segcompress.benchmark.runner import LogitsOnly
-from lightning_segcompress.benchmark_cli import load_network
-from lightning_segcompress.memory import TiledInference, format_memory_report, memory_report, write_tensor_table
-from lightning_segcompress.utils.inspection import input_channels
-from lightning_segcompress.utils.shapes import input_shape
+from lightning_segcompress.loading import load_network
 
 
 def memory(
-    checkpoint: str | None = None,
+    ckpt: str | None = None,
     network: dict[str, Any] | None = None,
     recipe: str | None = None,
-    model_class: str = "lightning_segcompress.SegmentationModule",
+    model_class: str | None = None,
     network_attribute: str | None = None,
-    num_classes: int | None = 19,
+    num_classes: int | None = 6,
     input_size: list[int] = (512, 512),
     batch_size: int = 1,
     grids: list[list[int]] = (),
@@ -38,10 +30,12 @@ def memory(
     """Print where a network's activation memory goes, and what planning and tiling save.
 
     Args:
-        checkpoint: Lightning checkpoint of ``model_class`` (compressed ones too).
+        ckpt: Lightning checkpoint (compressed ones too).
         network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
-        recipe: or a ``segcompress`` YAML config: its ``model`` (random weights).
-        model_class: LightningModule class of the checkpoint.
+        recipe: or a ``segcompress`` YAML config: its ``model`` (random weights; with ``ckpt``: how to build the
+            checkpoint's module).
+        model_class: LightningModule class of the checkpoint, built from its stored hyperparameters (default: the class
+            LightningCLI recorded in it, else ``lightning_segcompress.SegmentationModule``).
         network_attribute: attribute path of the network in that module (default: found automatically).
         num_classes: classes for network specs that take ``classes``/``num_classes``.
         input_size: ``[H, W]`` of the input (``[N, C, H, W]`` is deprecated).
@@ -57,8 +51,15 @@ def memory(
         tensors_csv: also write every activation of the untiled network in execution order (size fp32/int8,
             first and last step, planned offset) to this CSV file.
     """
-    net = LogitsOnly(load_network(checkpoint, network, model_class, num_classes, network_attribute, recipe)).eval()
-    shape = input_shape(input_size, batch_size, input_channels(net), owner="segcompress-memory")
+    import torch
+
+    from lightning_segcompress.benchmark.runner import LogitsOnly
+    from lightning_segcompress.memory import TiledInference, format_memory_report, memory_report, write_tensor_table
+    from lightning_segcompress.utils.inspection import input_channels
+    from lightning_segcompress.utils.shapes import input_shape
+
+    net = LogitsOnly(load_network(ckpt, network, recipe, model_class, num_classes, network_attribute)).eval()
+    shape = input_shape(input_size, batch_size, input_channels(net), owner="segcompress memory")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     untiled = memory_report(net, x, top=top, measure=measure)
     sections = [format_memory_report(untiled, "Activation memory, untiled")]
@@ -82,8 +83,10 @@ def memory(
 
 
 def main(args: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    CLI(memory, args=args)
+    """``segcompress-memory``: an alias of ``segcompress memory``."""
+    from lightning_segcompress.cli import tool_main
+
+    tool_main("memory", args)
 
 
 if __name__ == "__main__":

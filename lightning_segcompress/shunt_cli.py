@@ -1,29 +1,22 @@
-"""``segcompress-shunt``: the block map and knowledge quotients of a model's MobileNetV3 backbone, and the range
+"""``segcompress shunt``: the block map and knowledge quotients of a model's MobileNetV3 backbone, and the range
 a shunt would replace for a target, without training."""
 
 from __future__ import annotations
 
-import os
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-from jsonargparse import CLI
-
-from lightning_segcompress.benchmark_cli import load_network
-from lightning_segcompress.models.factory import resolve_class_path
-from lightning_segcompress.shunt import block_map, format_block_map, knowledge_quotients, miou_evaluator, select_range
-from lightning_segcompress.utils.batch import split_batch
-from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
+from lightning_segcompress.loading import load_network
 
 SYNTHETIC = "lightning_segcompress.SyntheticScenesDataModule"
 
 
 def shunt_report(
-    checkpoint: str | None = None,
+    ckpt: str | None = None,
     network: dict[str, Any] | None = None,
-    model_class: str = "lightning_segcompress.SegmentationModule",
+    recipe: str | None = None,
+    model_class: str | None = None,
     network_attribute: str | None = None,
     num_classes: int | None = 6,
     data: dict[str, Any] | None = None,
@@ -36,9 +29,12 @@ def shunt_report(
     """Print the block map with each residual block's knowledge quotient on validation data.
 
     Args:
-        checkpoint: Lightning checkpoint of ``model_class`` (compressed ones too).
+        ckpt: Lightning checkpoint (compressed ones too).
         network: or a network spec ``{"class_path": ..., "init_args": {...}}`` (random weights).
-        model_class: LightningModule class of the checkpoint.
+        recipe: or a ``segcompress`` YAML config: its ``model`` (random weights; with ``ckpt``: how to build the
+            checkpoint's module).
+        model_class: LightningModule class of the checkpoint, built from its stored hyperparameters (default: the class
+            LightningCLI recorded in it, else ``lightning_segcompress.SegmentationModule``).
         network_attribute: attribute path of the network in that module (default: found automatically).
         num_classes: classes for network specs that take ``classes``/``num_classes``.
         data: a LightningDataModule spec for the validation batches (default: SyntheticScenesDataModule with
@@ -49,7 +45,20 @@ def shunt_report(
         variant: shunt variant for the choice.
         output: also write the report to this Markdown file.
     """
-    net = load_network(checkpoint, network, model_class, num_classes, network_attribute).eval()
+    import torch
+
+    from lightning_segcompress.models.factory import resolve_class_path
+    from lightning_segcompress.shunt import (
+        block_map,
+        format_block_map,
+        knowledge_quotients,
+        miou_evaluator,
+        select_range,
+    )
+    from lightning_segcompress.utils.batch import split_batch
+    from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
+
+    net = load_network(ckpt, network, recipe, model_class, num_classes, network_attribute).eval()
     spec = data or {"class_path": SYNTHETIC, "init_args": {"num_classes": num_classes}}
     datamodule = resolve_class_path(spec["class_path"])(**spec.get("init_args", {}))
     datamodule.prepare_data()
@@ -76,8 +85,10 @@ def shunt_report(
 
 
 def main(args: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    CLI(shunt_report, args=args)
+    """``segcompress-shunt``: an alias of ``segcompress shunt``."""
+    from lightning_segcompress.cli import tool_main
+
+    tool_main("shunt", args)
 
 
 if __name__ == "__main__":

@@ -135,5 +135,5 @@ def test_memory_cli_reads_a_recipe_and_needs_one_source(capsys):
     memory_main(["--recipe=recipes/quickstart.yaml", "--input_size=[64,64]", "--measure=false"])
     printed = capsys.readouterr().out
     assert "Input 1x3x64x64" in printed and "not measured" in printed and "network.decoder" in printed
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="Give what to load"):
         memory_main(["--input_size=[64,64]"])

@@ -46,7 +46,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
                                              (2, ["StructuredPruning", "conv_stem"]),
                                              (3, ["StructuredPruning", "lr_rewind_epoch: 0", "max_miou_drop: 1.0"]),
                                              (4, ["KnowledgeDistillation", "pixel_kl", "best.ckpt"]),
-                                             (5, ["QuantizationAwareTraining", "freeze_bn_epoch: 10"])])
+                                             (5, ["QuantizationAwareTraining", "freeze_bn_epoch: 10"]),
+                                             (8, ["DeviceBenchmark", "save_artifact: true"])])
 def test_readme_yaml_examples_parse_with_the_cli(index, expected, tmp_path, capsys):
     from lightning_segcompress.cli import main
 

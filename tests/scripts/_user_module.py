@@ -63,3 +63,17 @@ class ColourScenes(Dataset):
 def loaders(batch_size: int = 4) -> tuple[DataLoader, DataLoader]:
     return (DataLoader(ColourScenes(8, seed=0), batch_size=batch_size),
             DataLoader(ColourScenes(4, seed=1), batch_size=batch_size))
+
+
+class ColourScenesData(pl.LightningDataModule):
+    """The same scenes as a LightningDataModule, for LightningCLI runs (``--data=_user_module.ColourScenesData``)."""
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loaders(self.batch_size)[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return loaders(self.batch_size)[1]
