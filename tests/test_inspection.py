@@ -122,3 +122,12 @@ def test_match_module_names():
     assert matched["nope.*"] == []
     with pytest.raises(ValueError, match="valid regex"):
         match_module_names(net, ["("])
+
+
+def test_count_macs_of_a_traced_graph_whose_convolutions_are_ops():
+    """A PT2E int8 graph has no conv modules: its MACs come from torch's FLOP counter, not 0."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 4, 1, bias=False)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    graph = torch.export.export(net, (x,)).module()
+    assert not any(isinstance(m, nn.Conv2d) for m in graph.modules())
+    assert count_macs(graph, x) == count_macs(net, x) == 16 * 16 * (8 * 3 * 9 + 4 * 8)

@@ -84,7 +84,21 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     # Modules that run ops directly instead of through submodules (TiledInference) count themselves.
     counted += [m.own_macs() for m in model.modules() if hasattr(m, "own_macs")]
     macs, _ = tp.utils.count_ops_and_params(model, example_input)
-    return int(macs) + sum(counted)
+    total = int(macs) + sum(counted)
+    if total == 0 and any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
+        return _graph_macs(model, example_input)
+    return total
+
+
+def _graph_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs of a traced graph whose convolutions are graph ops, not modules (a PT2E int8 graph), from torch's FLOP
+    counter (2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input)
+    return counter.get_total_flops() // 2
 
 
 def has_int8_modules(model: nn.Module) -> bool:
