@@ -175,7 +175,12 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
     Returns ``model`` (a LightningModule keeps its identity; a bare network that a stage replaces, e.g. a
     quantized one, comes back as the replacement).
     """
-    checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
+    return _load_compressed(model, read_checkpoint(checkpoint_path, map_location=map_location), checkpoint_path, strict)
+
+
+def _load_compressed(model: nn.Module, checkpoint: dict, checkpoint_path: str | os.PathLike,
+                     strict: bool = True) -> nn.Module:
+    """:func:`load_compressed` of an already read ``checkpoint``."""
     model = restore_from_checkpoint(model, checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
     try:
@@ -191,7 +196,12 @@ def load_network_weights(network: nn.Module, path: str | os.PathLike, error: typ
     """Load a Lightning checkpoint or a bare state dict into ``network``, whatever prefix the keys carry (``net.``,
     ``model.``), replaying the checkpoint's compression stages first; returns the network (a replacement where a
     stage replaces it). Keys that match under no prefix raise ``error`` with ``hint``."""
-    checkpoint = read_checkpoint(path, what="weights file")
+    return _load_network_weights(network, read_checkpoint(path, what="weights file"), path, error, hint)
+
+
+def _load_network_weights(network: nn.Module, checkpoint: dict, path: str | os.PathLike, error: type[Exception],
+                          hint: str) -> nn.Module:
+    """:func:`load_network_weights` of an already read ``checkpoint``."""
     entry = checkpoint.get(CHECKPOINT_KEY)
     if entry:
         network = apply_stages(network, entry["stages"])
@@ -219,14 +229,14 @@ def load_weights(module: nn.Module, path: str | os.PathLike, network_attribute: 
     checkpoint = read_checkpoint(path, what="weights file")
     state = checkpoint.get("state_dict")
     if isinstance(state, dict) and _same_module(module, checkpoint):
-        return load_compressed(module, path)
+        return _load_compressed(module, checkpoint, path)
     wrapper = network_attribute is not None or hasattr(module, "training_step")  # a LightningModule, duck-typed
     network = find_network(module, network_attribute) if wrapper else module
     hint = (f"Give weights written for this {type(module).__name__} (a checkpoint of it, or a state dict of its "
             "network).")
     if network is module:
-        return load_network_weights(module, path, CheckpointError, hint)
-    loaded = load_network_weights(network, path, CheckpointError, hint)
+        return _load_network_weights(module, checkpoint, path, CheckpointError, hint)
+    loaded = _load_network_weights(network, checkpoint, path, CheckpointError, hint)
     if loaded is not network:
         replace_network(module, network_path(module, network), loaded)
     return module

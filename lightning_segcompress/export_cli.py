@@ -125,26 +125,10 @@ def _from_data(spec: dict[str, Any], eval_batches: int, input_size: Sequence[int
     class names (None where it has none)."""
     from lightning_segcompress.benchmark.accuracy import EvalSet
     from lightning_segcompress.export.bundle import data_normalization
-    from lightning_segcompress.models.factory import resolve_class_path
-    from lightning_segcompress.utils.batch import split_batch
+    from lightning_segcompress.loading import load_validation_batches
     from lightning_segcompress.utils.shapes import input_shape
 
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"--data is a LightningDataModule spec {{'class_path': ..., 'init_args': {{...}}}}, got "
-                         f"{spec!r}.")
-    datamodule = resolve_class_path(spec["class_path"])(**dict(spec.get("init_args") or {}))
-    if hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()
-    datamodule.setup("validate")
-    batches = []
-    for batch in datamodule.val_dataloader():
-        images, masks = split_batch(batch)
-        if masks is not None:
-            batches.append((images, masks))
-        if len(batches) >= eval_batches:
-            break
-    if not batches:
-        raise ValueError(f"{spec['class_path']} has no labelled validation batches to score the exported file on.")
+    datamodule, batches = load_validation_batches(spec, eval_batches)
     ignore_index = getattr(datamodule, "ignore_index", 255)
     evaluation = EvalSet.from_batches(batches, input_shape(input_size, batch_size), ignore_index)
     names = getattr(datamodule, "class_names", None)

@@ -47,14 +47,14 @@ def load_network(
 
 def load_module(ckpt: str, recipe: str | None = None, model_class: str | None = None):
     """The LightningModule of checkpoint ``ckpt`` with its compression replayed and its weights loaded (CPU)."""
-    from lightning_segcompress.compression_state import load_compressed
+    from lightning_segcompress.compression_state import _load_compressed
     from lightning_segcompress.models.factory import resolve_class_path
     from lightning_segcompress.utils.checkpoint_io import read_checkpoint
 
+    checkpoint = read_checkpoint(ckpt)
     if recipe is not None:
         module = module_from_recipe(recipe)
     else:
-        checkpoint = read_checkpoint(ckpt)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         model_class = model_class or hparams.get("_class_path") or DEFAULT_MODEL_CLASS
         cls = resolve_class_path(model_class)
@@ -65,7 +65,29 @@ def load_module(ckpt: str, recipe: str | None = None, model_class: str | None = 
             raise ValueError(f"Cannot build {model_class} from the hyperparameters stored in {ckpt} ({err}). Give "
                              "--model_class (the LightningModule that wrote it) or --recipe (a config with its "
                              "model: section).") from None
-    return load_compressed(module, ckpt)
+    return _load_compressed(module, checkpoint, ckpt)
+
+
+def load_validation_batches(spec: dict[str, Any], count: int):
+    """The LightningDataModule of ``spec`` (``{"class_path", "init_args"}``), set up for validation, and its first
+    ``count`` labelled validation batches as ``(images, masks)``; one clear error without any."""
+    from itertools import islice
+
+    from lightning_segcompress.models.factory import resolve_class_path
+    from lightning_segcompress.utils.batch import split_batch
+
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"--data is a LightningDataModule spec {{'class_path': ..., 'init_args': {{...}}}}, got "
+                         f"{spec!r}.")
+    datamodule = resolve_class_path(spec["class_path"])(**dict(spec.get("init_args") or {}))
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    datamodule.setup("validate")
+    labelled = (pair for pair in map(split_batch, datamodule.val_dataloader()) if pair[1] is not None)
+    batches = list(islice(labelled, count))
+    if not batches:
+        raise ValueError(f"{spec['class_path']} has no labelled validation batches to score the model on.")
+    return datamodule, batches
 
 
 def module_from_recipe(path: str):

@@ -3,11 +3,10 @@ a shunt would replace for a target, without training."""
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from lightning_segcompress.loading import load_network
+from lightning_segcompress.loading import load_network, load_validation_batches
 
 SYNTHETIC = "lightning_segcompress.SyntheticScenesDataModule"
 
@@ -47,7 +46,6 @@ def shunt_report(
     """
     import torch
 
-    from lightning_segcompress.models.factory import resolve_class_path
     from lightning_segcompress.shunt import (
         block_map,
         format_block_map,
@@ -55,15 +53,11 @@ def shunt_report(
         miou_evaluator,
         select_range,
     )
-    from lightning_segcompress.utils.batch import split_batch
     from lightning_segcompress.utils.inspection import count_macs, count_params, extract_logits
 
     net = load_network(ckpt, network, recipe, model_class, num_classes, network_attribute).eval()
     spec = data or {"class_path": SYNTHETIC, "init_args": {"num_classes": num_classes}}
-    datamodule = resolve_class_path(spec["class_path"])(**spec.get("init_args", {}))
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    pairs = [split_batch(b) for b in islice(datamodule.val_dataloader(), batches)]
+    _, pairs = load_validation_batches(spec, batches)
     example = torch.zeros(1, 3, *input_size)
     classes = extract_logits(net(example)).shape[1]
     evaluate = miou_evaluator(pairs, classes)
