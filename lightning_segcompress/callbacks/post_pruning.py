@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_segcompress.callbacks._batchnorm import checked_bn_batches, reestimate_statistics
 from lightning_segcompress.callbacks._validation import validation_miou
 from lightning_segcompress.callbacks.protocol import (
     CompressionCallback,
@@ -39,6 +40,10 @@ class PostPruning(CompressionCallback):
         input_size: ``[H, W]`` of the example used to try the groups.
         output_dir: where the report goes (default ``<log dir>/post_pruning``).
         network_attribute: attribute path of the network in the LightningModule (default: found).
+        bn_batches: training batches on which BatchNorm statistics are re-estimated before every score (the
+            unpruned network's and each group's trial; put back afterwards), so that a group is judged by what its
+            pruned network can do, not by statistics that belong to the unpruned one; 0 disables. Each trial
+            costs these batches' forward passes.
         tolerance, report_dir: deprecated spellings of ``max_miou_drop`` and ``output_dir``.
 
     Example::
@@ -51,7 +56,7 @@ class PostPruning(CompressionCallback):
     def __init__(self, max_miou_drop: float = 0.5, eval_batches: int | None = 8, ignore_index: int = 255,
                  input_size: list[int] | None = None, output_dir: str | None = None,
                  network_attribute: str | None = None, tolerance: float | None = None,
-                 report_dir: str | None = None) -> None:
+                 report_dir: str | None = None, bn_batches: int = 8) -> None:
         max_miou_drop = self.take_renamed("tolerance", "max_miou_drop", tolerance, max_miou_drop, 0.5)
         output_dir = self.take_renamed("report_dir", "output_dir", report_dir, output_dir, None)
         if max_miou_drop < 0:
@@ -59,6 +64,7 @@ class PostPruning(CompressionCallback):
                              f"{max_miou_drop}.")
         if eval_batches is not None and eval_batches < 1:
             raise ValueError(f"eval_batches must be >= 1 (or None for all), got {eval_batches}.")
+        self.bn_batches = checked_bn_batches(bn_batches, "PostPruning")
         self.max_miou_drop = max_miou_drop
         self.eval_batches = eval_batches
         self.ignore_index = ignore_index
@@ -79,8 +85,13 @@ class PostPruning(CompressionCallback):
         if not event.plan or self._evaluate is None:
             return event.plan
         example = example_input(event.network, size=tuple(self.input_size))
-        result = group_costs(event.network, event.plan, self._evaluate, example, self.max_miou_drop)
+        def reestimate(network):  # rank 0 alone: no collective
+            return reestimate_statistics(trainer, pl_module, network, self.bn_batches, synchronize=False)
+
+        result = group_costs(event.network, event.plan, self._evaluate, example, self.max_miou_drop,
+                             prepare=reestimate if self.bn_batches else None)
         self.steps.append({"epoch": event.epoch, "step": event.step, "baseline_miou": result.baseline,
+                           "bn_batches": self.bn_batches,
                            "groups": [g.as_dict() for g in result.groups]})
         undone = result.undone
         rank_zero_info(f"PostPruning: keeps {len(result.kept)} of {len(event.plan)} planned groups, holds back "
@@ -107,7 +118,9 @@ class PostPruning(CompressionCallback):
         folder = self.run_dir(trainer, "post_pruning")
         folder.mkdir(parents=True, exist_ok=True)
         lines = ["# Post-pruning", "", f"max_miou_drop: {self.max_miou_drop} mIoU points per group; each group "
-                 "scored alone on the same validation batches, before the step was applied.", ""]
+                 "scored alone on the same validation batches, before the step was applied" + (
+                     f", BatchNorm statistics re-estimated on {self.bn_batches} training batches before each score."
+                     if self.bn_batches else "."), ""]
         for step in self.steps:
             lines += [f"## Step at epoch {step['epoch']} (mIoU before the step {step['baseline_miou']:.4f})", "",
                       "| root layer | channels removed | cost (points) | decision |", "|---|---|---|---|"]

@@ -11,7 +11,11 @@ A *producer* changes the network's architecture (:class:`StructuredPruning`, :cl
    copy of it, made once on first request and shared by every observer; the producer drops its reference after
    the step, so it lives on only where an observer keeps it (e.g. as a distillation teacher).
 3. The producer applies the step once, atomically, on every rank.
-4. ``on_after_compression`` (every rank): ``event.network`` is the changed network (``event.plan`` what was
+4. BatchNorm re-estimation (every rank, together): the changed network's BatchNorm running statistics are measured
+   again on ``bn_batches`` training batches (the producer's argument; 0 disables), so that nothing judges or
+   fine-tunes a network whose statistics belong to another one. Quantization re-estimates the float network just
+   before it is prepared instead. ``event.batchnorm`` is the report (layers, batches, seconds).
+5. ``on_after_compression`` (every rank): ``event.network`` is the changed network (``event.plan`` what was
    applied). Observers adapt their own state (connectors, penalty strengths, hooks) and never change the network.
 
 Heavy work (exports, timing, scoring, reports) belongs in ``on_before_compression`` or later hooks on rank 0,
@@ -36,8 +40,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_segcompress.callbacks._batchnorm import reestimate_statistics
 from lightning_segcompress.callbacks._ddp import rewrap_ddp
 from lightning_segcompress.callbacks._training import rebuild_optimizers
+from lightning_segcompress.utils.batchnorm import BatchNormReport, batchnorm_buffers, restore_batchnorm_buffers
 from lightning_segcompress.utils.inspection import find_network, frozen_copy
 
 History = list[list]  # structured pruning groups: [[layer name, is out channels, [indices]], ...]
@@ -54,6 +60,7 @@ class CompressionEvent:
             ``on_after_compression``).
         epoch, global_step: when the step happens.
         plan: structured pruning only: the groups proposed (filters) or applied (after).
+        batchnorm: the BatchNorm re-estimation of this step (None where none ran).
     """
 
     kind: str
@@ -62,6 +69,7 @@ class CompressionEvent:
     epoch: int = 0
     global_step: int = 0
     plan: History | None = None
+    batchnorm: BatchNormReport | None = None
     _snapshot: nn.Module | None = field(default=None, repr=False)
     _before: bool = field(default=True, repr=False)
 
@@ -222,14 +230,21 @@ def announce(trainer: pl.Trainer, pl_module: pl.LightningModule, event: Compress
 
 
 def run_compression_step(trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent,
-                         apply: Callable[[], nn.Module], undo: Callable[[], None], retrain: bool = True) -> None:
+                         apply: Callable[[], nn.Module], undo: Callable[[], None], retrain: bool = True,
+                         bn_batches: int = 0, bn_before: bool = False) -> None:
     """One producer step, the same for every technique: announce ``"before"``; ``apply()`` changes the network and
     returns the network now in place; every rank agrees that it worked before any of them goes on (a rank that
-    failed would otherwise leave the others waiting in a collective); announce ``"after"``; with ``retrain``,
-    rebuild the optimizers and re-wrap DDP. If anything fails, ``undo()`` puts the network back and the error
-    propagates. The event's snapshot is dropped in every case."""
-    announce(trainer, pl_module, event, "before")
+    failed would otherwise leave the others waiting in a collective); the BatchNorm statistics are re-estimated on
+    ``bn_batches`` training batches (with ``bn_before``, those of the network before ``apply``, e.g. the float
+    network a quantizer prepares); announce ``"after"``; with ``retrain``, rebuild the optimizers and re-wrap DDP.
+    If anything fails, ``undo()`` puts the network back (with its old statistics) and the error propagates. The
+    event's snapshot is dropped in every case."""
+    label = f"{event.kind} step {event.step}"
+    statistics = batchnorm_buffers(event.network) if bn_batches else None  # undo() may not cover the statistics
     try:
+        if bn_before and bn_batches:
+            event.batchnorm = reestimate_statistics(trainer, pl_module, event.network, bn_batches, label=label)
+        announce(trainer, pl_module, event, "before")
         error = None
         try:
             event.network = apply()
@@ -237,12 +252,16 @@ def run_compression_step(trainer: pl.Trainer, pl_module: pl.LightningModule, eve
             error = err
         if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
             raise error or RuntimeError(f"the {event.kind} step failed on another rank")
+        if not bn_before and bn_batches:
+            event.batchnorm = reestimate_statistics(trainer, pl_module, event.network, bn_batches, label=label)
         announce(trainer, pl_module, event, "after")
         if retrain:
             rebuild_optimizers(trainer)
             rewrap_ddp(trainer)
     except BaseException:
         undo()
+        if statistics is not None:
+            restore_batchnorm_buffers(statistics)
         raise
     finally:
         event._snapshot = None

@@ -9,6 +9,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from lightning_segcompress.callbacks._batchnorm import checked_bn_batches
 from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._ddp import broadcast_from_rank_zero
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent, run_compression_step
@@ -37,7 +38,9 @@ class QuantizationCallback(CompressionCallback):
     pre_int8_label: str  # what the model measured during fit was
 
     def __init__(self, backend: str, engine: str, keep_float: list[str] | None, per_channel: bool,
-                 input_size: list[int] | None, monitor: str, network_attribute: str | None) -> None:
+                 input_size: list[int] | None, monitor: str, network_attribute: str | None,
+                 bn_batches: int = 32) -> None:
+        self.bn_batches = checked_bn_batches(bn_batches, type(self).__name__)
         input_size = checked_input_size(input_size)
         self.config = QuantizationConfig(backend=backend, engine=engine, qat=self.qat, per_channel=per_channel,
                                          example_shape=(2, 3, *input_size))  # validates backend and engine
@@ -115,7 +118,7 @@ class QuantizationCallback(CompressionCallback):
             return prepared
 
         run_compression_step(trainer, pl_module, event, apply, lambda: replace_network(pl_module, path, network),
-                             retrain=self.qat)
+                             retrain=self.qat, bn_batches=self.bn_batches, bn_before=True)
         rank_zero_info(f"{type(self).__name__}: {type(network).__name__} prepared for "
                        f"{'QAT' if self.qat else 'calibration'} ({self.config.backend}) at epoch "
                        f"{trainer.current_epoch}.")
@@ -193,6 +196,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         input_size: ``[H, W]`` of the example used for tracing.
         monitor: validation metric reported for the fake-quant model next to the int8 one.
         network_attribute: attribute path of the network in the LightningModule (default: found).
+        bn_batches: training batches on which the float network's BatchNorm statistics are re-estimated right
+            before it is prepared (e.g. after pruning or a shunt changed it), so fake quantization starts from
+            statistics of this network; 0 disables.
 
     Example::
 
@@ -217,6 +223,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         input_size: list[int] | None = None,
         monitor: str = "val_miou",
         network_attribute: str | None = None,
+        bn_batches: int = 32,
     ) -> None:
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}.")
@@ -226,7 +233,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         if freeze_observer_epoch is not None and freeze_observer_epoch == start_epoch:
             raise ValueError(f"freeze_observer_epoch ({freeze_observer_epoch}) equals start_epoch: the observers would "
                              "be frozen before they saw any data. Set it to a later epoch, or null.")
-        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute)
+        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute,
+                         bn_batches)
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
@@ -253,7 +261,8 @@ class PostTrainingQuantization(QuantizationCallback):
 
     With ``max_epochs`` already reached (or ``max_epochs=0``) no training runs and only calibration does, e.g.
     ``segcompress fit --config trained.yaml --ckpt_path last.ckpt`` with this callback appended. Arguments as
-    :class:`QuantizationAwareTraining`, without the training schedule.
+    :class:`QuantizationAwareTraining`, without the training schedule; ``bn_batches`` re-estimates the BatchNorm
+    statistics before calibration.
 
     Example::
 
@@ -266,10 +275,11 @@ class PostTrainingQuantization(QuantizationCallback):
 
     def __init__(self, backend: str = "pt2e", engine: str = "x86", calibration_batches: int = 16,
                  keep_float: list[str] | None = None, per_channel: bool = True, input_size: list[int] | None = None,
-                 monitor: str = "val_miou", network_attribute: str | None = None) -> None:
+                 monitor: str = "val_miou", network_attribute: str | None = None, bn_batches: int = 32) -> None:
         if calibration_batches <= 0:
             raise ValueError(f"calibration_batches must be positive, got {calibration_batches}.")
-        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute)
+        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute,
+                         bn_batches)
         self.calibration_batches = calibration_batches
 
     def _measures_model_to_convert(self, stage: dict | None) -> bool:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from lightning_segcompress.callbacks._batchnorm import checked_bn_batches
 from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._ddp import (
     average_gradients,
@@ -94,6 +95,8 @@ class ShuntReplacement(CompressionCallback):
         input_size: ``[H, W]`` of the example used for the block map, MACs and shape checks.
         output_dir: where the report goes (default ``<log dir>/shunt``).
         network_attribute: attribute path of the network in the LightningModule (default: found).
+        bn_batches: training batches on which the BatchNorm statistics are re-estimated once the shunt is spliced
+            in (the layers after it see the shunt's features now, not the replaced blocks'); 0 disables.
         distillation, alpha: removed (a ValueError says what to use): stage-B distillation is
             ``KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression",
             losses={"ace": {"kappa": 0.3}}, alpha=...)`` next to this callback.
@@ -127,8 +130,10 @@ class ShuntReplacement(CompressionCallback):
         alpha: float | None = None,
         kq_batches: int | None = None,
         report_dir: str | None = None,
+        bn_batches: int = 32,
     ) -> None:
         _refuse_built_in_distillation(distillation, alpha)
+        self.bn_batches = checked_bn_batches(bn_batches, "ShuntReplacement")
         eval_batches = self.take_renamed("kq_batches", "eval_batches", kq_batches, eval_batches, 8)
         output_dir = self.take_renamed("report_dir", "output_dir", report_dir, output_dir, None)
         if blocks != "auto" and not (isinstance(blocks, Sequence) and not isinstance(blocks, str)
@@ -317,24 +322,27 @@ class ShuntReplacement(CompressionCallback):
         self._remove_hooks()
         event = CompressionEvent(STAGE_KIND, 1, network, trainer.current_epoch, trainer.global_step)
         flags = {p: p.requires_grad for p in network.parameters()}
+        modes = {m: m.training for m in network.modules()}
 
         def apply() -> nn.Module:
             for p in self._frozen:
                 p.requires_grad_(True)
             splice(network, self.plan.names, self.shunt)
-            self.shunt.train(network.training)
+            network.train(pl_module.training)  # stage A kept it in eval mode; stage B trains it
             self._apply_freeze_before(network)
             set_ddp_gradient_sync(trainer, True)
             return network
 
         def undo() -> None:  # stage A's frozen network again (the blocks come back with restored_on_failure)
+            for m, mode in modes.items():
+                m.training = mode
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             self._kept_frozen = []
             set_ddp_gradient_sync(trainer, False)
 
         with restored_on_failure(network, self.plan.names):  # the blocks and the recorded stages
-            run_compression_step(trainer, pl_module, event, apply, undo)
+            run_compression_step(trainer, pl_module, event, apply, undo, bn_batches=self.bn_batches)
         self._frozen = []
         self.phase = "B"
         self.shunt, self.optimizer = None, None
@@ -353,7 +361,9 @@ class ShuntReplacement(CompressionCallback):
         example = example_input(network, size=tuple(self.input_size))
         self._kept_frozen = modules_before(network, stage["blocks"][0], example)
         for name in self._kept_frozen:
-            for p in network.get_submodule(name).parameters(recurse=False):
+            module = network.get_submodule(name)
+            module.eval()  # BN statistics included (also as every stage-B batch starts)
+            for p in module.parameters(recurse=False):
                 p.requires_grad_(False)
 
     # ---- report and checkpoints ------------------------------------------------------------------------------

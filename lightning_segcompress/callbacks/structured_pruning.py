@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_segcompress.callbacks._batchnorm import checked_bn_batches, reestimate_statistics
 from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._training import load_lr_schedule_state, lr_schedule_state
 from lightning_segcompress.callbacks._validation import validation_miou
@@ -122,6 +123,11 @@ class StructuredPruning(CompressionCallback):
             schedulers and learning rates back where they were at the start of this epoch (<= ``start_epoch``),
             so the pruned network is fine-tuned with a high learning rate again; ``None`` (default) keeps the
             schedule's position. Optimizer state (momentum) is kept either way.
+        bn_batches: training batches on which the BatchNorm running statistics are re-estimated after every
+            step, after an undone step and before the budget judges a step (no gradients; BN layers the user put
+            in eval mode are left alone; at most one epoch's batches); 0 disables. A network pruned with stale
+            statistics scores far below what its weights can do, and PostPruning, the budget and fine-tuning
+            would all start from that. The time it takes is logged (``batchnorm/reestimation_s``).
         tolerance: deprecated spelling of ``rel_tolerance``.
 
     Example::
@@ -170,6 +176,7 @@ class StructuredPruning(CompressionCallback):
         runtime: str = "executorch",
         threads: int | None = None,
         latency_ranking: bool = False,
+        bn_batches: int = 32,
     ) -> None:
         rel_tolerance = self.take_renamed("tolerance", "rel_tolerance", tolerance,
                                          rel_tolerance, 0.03)
@@ -206,6 +213,7 @@ class StructuredPruning(CompressionCallback):
                              f"rewound to a position it has already passed; got {lr_rewind_epoch}.")
         if isinstance(ignored_layers, str):
             ignored_layers = [ignored_layers]
+        self.bn_batches = checked_bn_batches(bn_batches, "StructuredPruning")
         self.target = target
         self.runtime = runtime
         self.threads = threads
@@ -364,7 +372,8 @@ class StructuredPruning(CompressionCallback):
                 return network
 
             try:
-                run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, rollback))
+                run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, rollback),
+                                     bn_batches=self.bn_batches)
             except Exception as err:  # noqa: BLE001 - reported below, the network is already restored
                 payload = {"error": f"{type(err).__name__}: {err}"}
         self.steps_done = step
@@ -377,7 +386,7 @@ class StructuredPruning(CompressionCallback):
             return
         if self.lr_rewind_state is not None:
             load_lr_schedule_state(trainer, self.lr_rewind_state)
-        self._report(trainer, network, example, step, payload["plan"])
+        self._report(trainer, network, example, step, payload["plan"], event.batchnorm)
 
     # ---- the accuracy budget ---------------------------------------------------------------------------
 
@@ -397,6 +406,8 @@ class StructuredPruning(CompressionCallback):
         if self.steps_done > 0 and self.steps_done in judged:
             return True
         network = self.network(pl_module)
+        if self.steps_done > 0:  # judged with the statistics of the fine-tuned weights, on every rank alike
+            reestimate_statistics(trainer, pl_module, network, self.bn_batches, label="StructuredPruning budget")
         miou = float(self._evaluate(network)) if trainer.is_global_zero and self._evaluate is not None else None
         miou = trainer.strategy.broadcast(miou, src=0)
         if self.steps_done == 0:
@@ -428,7 +439,8 @@ class StructuredPruning(CompressionCallback):
             restore(network, point)
             return network
 
-        run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, current))
+        run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, current),
+                             bn_batches=self.bn_batches)
         kept = [c for c in self.budget.checks if c["within_budget"]]
         self.records.append({"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                              "undone": True, "miou_drop_points": check["drop_points"],
@@ -543,7 +555,8 @@ class StructuredPruning(CompressionCallback):
                 p.grad = saved.get(name)
             self._grad_sum, self._grad_batches = {}, 0
 
-    def _report(self, trainer, network: nn.Module, example: torch.Tensor, step: int, plan: dict) -> None:
+    def _report(self, trainer, network: nn.Module, example: torch.Tensor, step: int, plan: dict,
+                batchnorm=None) -> None:
         after = measure(network, example)
         latency = {}
         if self.latency_model is not None and "latency" in self.reference:
@@ -561,7 +574,8 @@ class StructuredPruning(CompressionCallback):
                   "planned_fraction": plan["achieved_fraction"], "channel_ratio": plan["ratio"],
                   "groups_planned": plan["groups_planned"], "groups_applied": plan["groups_applied"], **after,
                   **{f"{k}_fraction_kept": after[k] / self.reference[k] for k in after},
-                  **latency, "channels_per_layer": layer_widths(network)}
+                  **latency, "bn_reestimation": batchnorm.as_dict() if batchnorm is not None else None,
+                  "channels_per_layer": layer_widths(network)}
         self.records.append(record)
         if not trainer.is_global_zero:
             return

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_segcompress.pruning.graph import History, PruningError, _restore, _snapshot, replay_history
+from lightning_segcompress.utils.batchnorm import batchnorm_buffers, restore_batchnorm_buffers
 
 Evaluator = Callable[[nn.Module], float]
 
@@ -38,20 +39,35 @@ class PostPruningResult:
 
 
 def group_costs(network: nn.Module, step: History, evaluate: Evaluator, example: torch.Tensor,
-                max_miou_drop: float) -> PostPruningResult:
+                max_miou_drop: float, prepare: Callable[[nn.Module], object] | None = None) -> PostPruningResult:
     """Score ``network`` (as it is before the step), then each entry of ``step`` applied alone to it. An entry whose
     removal costs more than ``max_miou_drop`` points (``100 * score drop``) is kept back (``undone``).
+
+    ``prepare(network)`` runs before each score, the unpruned one included, e.g. a BatchNorm re-estimation
+    (:func:`lightning_segcompress.utils.batchnorm.reestimate_batchnorm`), so that a group is judged by what its
+    pruned network can do rather than by statistics measured on another one; the statistics are put back after.
 
     Each entry is tried on ``network`` itself and rolled back right after, so no copy of the network is made and
     ``network`` ends exactly as it was (the same parameter objects, so optimizers stay valid)."""
     if max_miou_drop < 0:
         raise PruningError(f"max_miou_drop must be >= 0 (mIoU points a group may cost), got {max_miou_drop}.")
-    result = PostPruningResult(baseline=evaluate(network))
+
+    def score() -> float:
+        if prepare is None:
+            return evaluate(network)
+        saved = batchnorm_buffers(network)
+        try:
+            prepare(network)
+            return evaluate(network)
+        finally:
+            restore_batchnorm_buffers(saved)
+
+    result = PostPruningResult(baseline=score())
     for entry in step:
         restore_point = _snapshot(network)
         try:
             replay_history(network, [entry], example)
-            cost = (result.baseline - evaluate(network)) * 100
+            cost = (result.baseline - score()) * 100
         finally:
             _restore(network, restore_point)
         undone = cost > max_miou_drop

@@ -3,7 +3,9 @@
     python tests/scripts/ddp_pruning.py OUT_DIR
 
 Run by tests/test_pruning_ddp.py. The importance below scores channels differently on every rank, so the
-ranks only agree if the pruning decision is made once and broadcast.
+ranks only agree if the pruning decision is made once and broadcast. Each rank sees other training images, so the
+BatchNorm statistics re-estimated after each step only agree if the ranks' sums are all-reduced; they are recorded
+right after the step, before DDP's next forward broadcasts rank 0's buffers.
 """
 
 import faulthandler
@@ -19,7 +21,7 @@ import torch_pruning as tp  # noqa: E402
 from _ddp_helpers import checksum, write_rank_result  # noqa: E402
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule  # noqa: E402
-from lightning_segcompress.callbacks import StructuredPruning  # noqa: E402
+from lightning_segcompress.callbacks import CompressionCallback, StructuredPruning  # noqa: E402
 from lightning_segcompress.pruning import layer_widths, pruning_history  # noqa: E402
 
 
@@ -32,7 +34,15 @@ class RankDependentImportance(tp.importance.Importance):
         return torch.rand(len(group[0].idxs), generator=generator)
 
 
-class Recorder(pl.Callback):
+class Recorder(CompressionCallback):
+    def __init__(self):
+        self.batchnorm = []
+
+    def on_after_compression(self, trainer, pl_module, event):
+        stats = [float(m.running_mean.double().sum() + m.running_var.double().sum()) for m in pl_module.net.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.batchnorm.append({"batches": event.batchnorm.batches, "stats": stats})
+
     def on_fit_start(self, trainer, pl_module):
         self.params_before = sum(p.numel() for p in pl_module.net.parameters())
 
@@ -40,7 +50,8 @@ class Recorder(pl.Callback):
         net = pl_module.net
         write_rank_result(trainer, {
             "widths": layer_widths(net), "history": pruning_history(net), "param_checksum": checksum(net),
-            "params": sum(p.numel() for p in net.parameters()), "params_before": self.params_before})
+            "params": sum(p.numel() for p in net.parameters()), "params_before": self.params_before,
+            "batchnorm": self.batchnorm})
 
 
 def main() -> None:
