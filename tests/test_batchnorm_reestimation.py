@@ -357,3 +357,23 @@ def test_quantization_reestimates_the_float_network_before_preparing(tmp_path):
     # 1 epoch of momentum-0.1 training leaves stale statistics; QAT at epoch 1 measures them again first
     _fit(tmp_path, [QuantizationAwareTraining(backend="fx", start_epoch=1, input_size=[16, 16]), BeforePrepare()])
     assert seen["fresh"] and seen["report"].batches == 3
+
+
+class StatisticsAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.mean = pl_module.seg[1].running_mean.clone()
+
+
+def test_a_resumed_fit_keeps_the_reestimated_statistics_and_does_not_measure_again(tmp_path):
+    module, trainer = _fit(tmp_path, [_pruning()])  # the step (and its re-estimation) at epoch 1
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = module.seg[1].running_mean.clone()
+    observer, start = AfterStep(Scenes()), StatisticsAtStart()
+    resumed = Segmenter()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, limit_train_batches=3,
+                                          callbacks=[_pruning(), observer, start]))
+    trainer.fit(resumed, DataLoader(Scenes(), batch_size=4), DataLoader(Scenes(4, 1), batch_size=4),
+                ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.seg[1].running_mean.numel() == saved.numel() < 16  # the pruned architecture came back
+    torch.testing.assert_close(start.mean, saved)
+    assert observer.reports == []  # no step ran again, so nothing was re-estimated again
