@@ -19,10 +19,12 @@ def synthetic_data(args) -> SyntheticScenesDataModule:
 
 
 def fit(args, spec: dict, epochs: int, seed: int, lr: float, root: Path, callbacks=(), weights=None,
-        bn_momentum: float | None = None, data=None, prepare=None) -> tuple[float, SegmentationModule]:
+        bn_momentum: float | None = None, data=None, prepare=None,
+        trainer_args: dict | None = None) -> tuple[float, SegmentationModule]:
     """Train ``spec`` (from ``weights`` if given) for ``epochs`` on ``data`` (default: :func:`synthetic_data`);
     returns the final val mIoU and the module. ``prepare(module)`` runs on the fresh module before the weights
-    load (e.g. to prune it to the architecture the weights have)."""
+    load (e.g. to prune it to the architecture the weights have). ``trainer_args`` are passed on to the
+    ``Trainer`` (e.g. ``{"check_val_every_n_epoch": epochs}`` to validate only after the last epoch)."""
     pl.seed_everything(seed, verbose=False)
     model = SegmentationModule(spec, num_classes=args.classes, lr=lr)
     if prepare is not None:
@@ -35,6 +37,6 @@ def fit(args, spec: dict, epochs: int, seed: int, lr: float, root: Path, callbac
         model.load_state_dict(weights)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                         callbacks=list(callbacks))
+                         callbacks=list(callbacks), **(trainer_args or {}))
     trainer.fit(model, data if data is not None else synthetic_data(args))
     return float(trainer.callback_metrics["val_miou"]), model
