@@ -728,6 +728,7 @@ def report(args, results: dict, session: dict, quiet: bool = False) -> None:
         lines += ["", *goal_lines(r["rows"]), ""]
         extra = [f"- {name} minus its float row, paired: {cell(s['vs_float_base'])}"
                  for name, s in r["rows"].items() if s.get("vs_float_base")]
+        extra += comparison_lines(r["rows"])
         extra += [f"- {name}: PostPruning held back " + ", ".join(f"{p['undone']} of {p['groups']}" if p else "?"
                                                                   for p in s["post_pruning_undone"])
                   + " planned groups (per sample)" for name, s in r["rows"].items() if s.get("post_pruning_undone")]
@@ -746,6 +747,27 @@ def report(args, results: dict, session: dict, quiet: bool = False) -> None:
         (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=1))
     else:
         write_results(args.name, text, data)
+
+
+COMPARISONS = [  # (row, reference): what one recovery option adds, paired by sample
+    ("prune_bn", "prune"), ("bn_ft", "as_left"), ("rewind", "bn_ft"), ("kd_kl", "bn_ft"), ("kd_cwd", "bn_ft"),
+    ("rewind_kd", "rewind"), ("post_bn", "post")]
+
+
+def comparison_lines(rows: dict) -> list[str]:
+    """Paired differences between rows that differ in one recovery option, from the rows' per-sample values."""
+    by_row = {s["row"]: s for s in rows.values() if "per_sample" in s and not s.get("base")}
+    lines = []
+    for row, reference in COMPARISONS:
+        if row not in by_row or reference not in by_row:
+            continue
+        ours = dict(zip(by_row[row]["samples"], by_row[row]["per_sample"]))
+        theirs = dict(zip(by_row[reference]["samples"], by_row[reference]["per_sample"]))
+        common = [p for p in ours if p in theirs]
+        if common:
+            d = difference_row([theirs[p] for p in common], [ours[p] for p in common], 2, 100)
+            lines.append(f"- {ROWS[row]} minus {ROWS[reference]}, paired: {cell(d)} (n={d['n']})")
+    return lines
 
 
 def goal_lines(rows: dict) -> list[str]:
