@@ -151,6 +151,7 @@ NO_TRAINING = ("prune", "prune_bn")  # rows evaluated without any fine-tuning
 PRUNING = [r for r in ROWS if r != "control"]  # rows compared with as_left too
 INT8_BASES = ("as_left", "bn_ft", "rewind", "kd_kl", "kd_cwd", "rewind_kd", "post", "post_bn")  # fine-tuning rows
 KD_LOSSES = {"kd_kl": {"pixel_kl": {}}, "kd_cwd": {"cwd": {}}, "rewind_kd": {"cwd": {}}}
+PEAK_LR_ROWS = ("rewind", "rewind_kd")  # fine-tuned at the baseline's peak lr (LR rewinding, after training)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -357,24 +358,22 @@ def qat_start(args, recovery: int) -> int:
 
 def row_callbacks(args, row: str, recovery: int, base: str | None = None) -> tuple[list, float]:
     """The callbacks and the learning rate of a fine-tuning row."""
+    lr = args.lr if row in PEAK_LR_ROWS else args.finetune_lr
     if row == "control":
-        return [], args.finetune_lr
+        return [], lr
     if row == "as_left":
-        return [pruning(args, bn_batches=0)], args.finetune_lr
-    if row == "bn_ft":
-        return [pruning(args)], args.finetune_lr
-    if row == "rewind":
-        return [pruning(args)], args.lr
+        return [pruning(args, bn_batches=0)], lr
+    if row in ("bn_ft", "rewind"):
+        return [pruning(args)], lr
     if row in KD_LOSSES:
         return [pruning(args), KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression",
-                                                     losses=KD_LOSSES[row])], args.lr if row == "rewind_kd" \
-            else args.finetune_lr
+                                                     losses=KD_LOSSES[row])], lr
     if row in ("post", "post_bn"):
         bn = row == "post_bn"
         return [pruning(args, **({} if bn else {"bn_batches": 0})),
-                PostPruning(max_miou_drop=0.5, eval_batches=8, bn_batches=8 if bn else 0)], args.finetune_lr
+                PostPruning(max_miou_drop=0.5, eval_batches=8, bn_batches=8 if bn else 0)], lr
     if row == "budget":
-        return [pruning(args, **budget_schedule(recovery), max_miou_drop=1.0, eval_batches=None)], args.finetune_lr
+        return [pruning(args, **budget_schedule(recovery), max_miou_drop=1.0, eval_batches=None)], lr
     if row == "int8":
         callbacks, lr = row_callbacks(args, base, recovery)
         return [*callbacks, QuantizationAwareTraining(backend="pt2e", start_epoch=qat_start(args, recovery),
