@@ -3,7 +3,7 @@
 # (KD snapshot teacher -> structured pruning -> QAT -> int8 -> DeviceBenchmark) on one CUDA device with
 # --trainer.precision=bf16-mixed, compressed to 4 one-batch epochs on 64x64 synthetic data, then `validate` of its
 # last checkpoint on the GPU (the int8 network runs on the CPU, see README "GPU and mixed precision"), then the
-# CUDA tests of tests/test_mixed_precision.py. Under 5 minutes on any CUDA machine.
+# CUDA tests of tests/callbacks/test_mixed_precision.py. Under 5 minutes on any CUDA machine.
 #   bash scripts/gpu_check.sh            # prints one line: "gpu_check: PASS in 123 s" (or FAIL, exit 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,8 +65,8 @@ else
     echo "gpu_check: no last.ckpt written"; status=1
 fi
 
-echo "gpu_check: CUDA tests (tests/test_mixed_precision.py -k cuda)"
-if ! timeout 180 "$PY" -m pytest -p no:xdist -q tests/test_mixed_precision.py -k cuda; then
+echo "gpu_check: CUDA tests (tests/callbacks/test_mixed_precision.py -k cuda)"
+if ! timeout 180 "$PY" -m pytest -p no:xdist -q tests/callbacks/test_mixed_precision.py -k cuda; then
     echo "gpu_check: CUDA tests failed"; status=1
 fi
 

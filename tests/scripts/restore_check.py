@@ -2,7 +2,7 @@
 into it (``torch.load(weights_only=True)`` inside ``load_network_weights``) and compare its output with the one
 recorded right after the fit.
 
-    python tests/scripts/restore_check.py CASES_JSON   # [{"checkpoint": ..., "reference": ...}, ...]
+    PYTHONPATH=tests python tests/scripts/restore_check.py CASES_JSON   # [{"checkpoint": ..., "reference": ...}, ...]
 
 Prints one JSON line: per checkpoint the conv widths, the stage kinds and the largest output difference.
 """
@@ -14,10 +14,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _user_module import TinySegNet  # noqa: E402
 
 from lightning_segcompress.benchmark.compression_report import conv_widths  # noqa: E402
 from lightning_segcompress.compression_state import get_stages, load_network_weights  # noqa: E402
+from support.user_module import TinySegNet  # noqa: E402
 
 
 def main() -> None:
