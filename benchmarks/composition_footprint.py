@@ -52,7 +52,7 @@ from lightning_segcompress.utils.liveness import current_rss_mib, live_networks,
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "full_pipeline.yaml"
-SMOKE_PREFIX = "# CI smoke override:"  # as in tests/test_recipes.py
+SMOKE_PREFIX = "# CI smoke override:"  # as in tests/support/common.py
 
 
 def _end_epoch_is_exclusive() -> bool:

@@ -30,7 +30,7 @@ from lightning_segcompress.quantization import (
     quantization_stage,
 )
 from lightning_segcompress.quantization.quantize import is_cpu_pinned
-from support.common import REPO, SMP_DEEPLAB, trainer_kwargs
+from support.common import REPO, SMP_DEEPLAB, smoke_override, trainer_kwargs
 from support.user_module import TinySegNet, UserSegmenter, loaders  # noqa: E402
 
 SIZE = [32, 32]
@@ -142,8 +142,6 @@ def test_shunt_replacement_bf16_mixed(tmp_path):
 
 @pytest.mark.slow
 def test_full_pipeline_recipe_bf16_mixed(tmp_path, capsys):
-    from test_recipes import smoke_override
-
     from lightning_segcompress.cli import main
 
     recipe = REPO / "recipes" / "full_pipeline.yaml"

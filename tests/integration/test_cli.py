@@ -10,7 +10,7 @@ import yaml
 
 from lightning_segcompress.cli import main
 from lightning_segcompress.models import SegmentationModule
-from support.common import REPO
+from support.common import REPO, smoke_override
 
 TINY_CONFIG = {
     "seed_everything": 0,
@@ -201,8 +201,6 @@ def test_model_weights_of_another_architecture_is_one_clear_error(user_module_on
 
 
 def _smoke(recipe: str) -> list[str]:
-    from test_recipes import smoke_override
-
     return smoke_override(REPO / "recipes" / recipe)
 
 

@@ -1,14 +1,11 @@
 """Every recipe in recipes/ runs end to end with the smoke override written in its own header."""
 
-import shlex
-from pathlib import Path
 
 import pytest
 
-from support.common import REPO
+from support.common import REPO, smoke_override
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-SMOKE_PREFIX = "# CI smoke override:"
 COMPRESSION_REPORT = "*/version_0/benchmark/compression_report.md"
 # what each recipe must leave in its run folder: (glob pattern, text the file contains)
 EXPECTED = {
@@ -30,12 +27,6 @@ EXPECTED = {
     "post_pruning_encoder_decoder": [("*/version_0/post_pruning/post_pruning.md", "max_miou_drop: 0.5"),
                                      (COMPRESSION_REPORT, "| final | structured_pruning |")],
 }
-
-
-def smoke_override(recipe: Path) -> list[str]:
-    lines = [line for line in recipe.read_text().splitlines() if line.startswith(SMOKE_PREFIX)]
-    assert len(lines) == 1, f"{recipe.name} needs exactly one '{SMOKE_PREFIX} ...' header line"
-    return shlex.split(lines[0][len(SMOKE_PREFIX):])
 
 
 def test_every_recipe_has_a_header_and_an_expectation():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,14 @@ SMP_UNET = {
     "init_args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]},
 }
 TV_LRASPP = {"class_path": "torchvision.models.segmentation.lraspp_mobilenet_v3_large"}
+SMOKE_PREFIX = "# CI smoke override:"
+
+
+def smoke_override(recipe: Path) -> list[str]:
+    """The CLI arguments a recipe's ``# CI smoke override:`` header line gives (exactly one such line)."""
+    lines = [line for line in recipe.read_text().splitlines() if line.startswith(SMOKE_PREFIX)]
+    assert len(lines) == 1, f"{recipe.name} needs exactly one '{SMOKE_PREFIX} ...' header line"
+    return shlex.split(lines[0][len(SMOKE_PREFIX):])
 
 
 def trainer_kwargs(tmp_path, **overrides):
