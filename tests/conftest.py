@@ -23,3 +23,9 @@ else:
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: pytest-xdist hands tests out in this order, so the long ones start early on both workers
+    and the short ones fill in at the end instead of one worker idling while the other runs a long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -20,6 +20,7 @@ from support.common import SMP_UNET, TV_LRASPP, trainer_kwargs
 FAST = dict(input_shape=(1, 3, 64, 64), warmup=1, runs=2, isolate=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [SMP_UNET, TV_LRASPP], ids=["smp-unet", "tv-lraspp"])
 def test_lite_export_reload_matches_eager(spec, tmp_path):
     net = build_network(spec, num_classes=3)

@@ -116,6 +116,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_callback_bf16_mixed(case, tmp_path):
     factory, overrides, check = CASES[case]

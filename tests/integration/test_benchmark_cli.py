@@ -11,6 +11,7 @@ SMALL_UNET = {"class_path": "segmentation_models_pytorch.Unet",
               "init_args": {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [8, 8, 8]}}
 
 
+@pytest.mark.slow
 def test_benchmark_checkpoint_against_a_baseline_network(tmp_path, capsys):
     module = SegmentationModule(network=SMALL_UNET, num_classes=3)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path))
