@@ -31,7 +31,7 @@ from lightning_segcompress.quantization import (
 )
 from lightning_segcompress.quantization.quantize import is_cpu_pinned
 from support.common import REPO, SMP_DEEPLAB, smoke_override, trainer_kwargs
-from support.user_module import TinySegNet, UserSegmenter, loaders  # noqa: E402
+from support.user_module import TinySegNet, UserSegmenter, loaders
 
 SIZE = [32, 32]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,6 +10,7 @@ import yaml
 
 from lightning_segcompress.cli import main
 from lightning_segcompress.models import SegmentationModule
+from support import user_module
 from support.common import REPO, smoke_override
 
 TINY_CONFIG = {
@@ -152,13 +153,6 @@ USER_MODULE = "support.user_module.UserSegmenter"
 USER_DATA = "support.user_module.ColourScenesData"
 
 
-@pytest.fixture
-def user_module_on_path():
-    from support import user_module
-
-    return user_module
-
-
 def _trained_user_checkpoint(module_file, tmp_path) -> tuple[Path, dict]:
     import pytorch_lightning as pl
 
@@ -172,10 +166,10 @@ def _trained_user_checkpoint(module_file, tmp_path) -> tuple[Path, dict]:
     return ckpt, {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_model_init_args_weights_starts_any_user_module_from_a_trained_checkpoint(user_module_on_path, tmp_path):
+def test_model_init_args_weights_starts_any_user_module_from_a_trained_checkpoint(tmp_path):
     from lightning_segcompress.cli import SegCompressCLI
 
-    ckpt, trained = _trained_user_checkpoint(user_module_on_path, tmp_path)
+    ckpt, trained = _trained_user_checkpoint(user_module, tmp_path)
     cli = SegCompressCLI(args=[f"--model={USER_MODULE}", f"--data={USER_DATA}", "--model.init_args.lr=0.01",
                                f"--model.init_args.weights={ckpt}"], run=False)
     assert type(cli.model).__name__ == "UserSegmenter" and cli.model.lr == 0.01
@@ -189,7 +183,7 @@ def test_model_init_args_weights_starts_any_user_module_from_a_trained_checkpoin
     assert all(torch.equal(cli.model.state_dict()[k], v) for k, v in trained.items())
 
 
-def test_model_weights_of_another_architecture_is_one_clear_error(user_module_on_path, tmp_path):
+def test_model_weights_of_another_architecture_is_one_clear_error(tmp_path):
     from lightning_segcompress.cli import SegCompressCLI
     from lightning_segcompress.utils.checkpoint_io import CheckpointError
 

@@ -17,8 +17,7 @@ from lightning_segcompress.export import ExportError, write_bundle
 from lightning_segcompress.export_cli import export, main
 from support.common import REPO
 
-ROOT = REPO
-EXAMPLE = ROOT / "examples" / "segment_image.py"
+EXAMPLE = REPO / "examples" / "segment_image.py"
 TINY = {"class_path": "test_export.TinySegNet", "init_args": {}}
 SYNTHETIC = {"class_path": "lightning_segcompress.SyntheticScenesDataModule",
              "init_args": {"num_classes": 3, "image_size": [32, 32], "num_val": 4, "batch_size": 2, "num_train": 4,
@@ -188,7 +187,7 @@ def test_help_does_not_import_torch():
     code = ("import sys\nfrom lightning_segcompress.export_cli import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
             "assert 'pytorch_lightning' not in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     for argument in ("--ckpt", "--runtime", "--input_size", "--data", "--class_names", "--atol"):
         assert argument in result.stdout

@@ -13,7 +13,7 @@ from lightning_segcompress.pruning import PruningError, pruning_history
 from lightning_segcompress.pruning.budget import MiouBudget, restore, restore_point
 from lightning_segcompress.utils.inspection import count_params
 from support.common import trainer_kwargs
-from support.user_module import UserSegmenter, loaders  # noqa: E402
+from support.user_module import UserSegmenter, loaders
 
 
 class PolySegmenter(UserSegmenter):
