@@ -2,13 +2,15 @@
 
     python segment_image.py model.pte image.png --output mask.png
     python segment_image.py model.ptl image.png --output mask.png
+    python segment_image.py model.onnx image.png --output mask.png
 
 It reads ``model.json`` next to the model (input size, normalization, class count), resizes the image to the
 model's input size, normalizes it, runs the file, takes the argmax and writes a colour PNG at the image's own size
 (nearest resize). ``--classes_out classes.png`` also writes the raw class ids (8-bit grey).
 
 Self-contained (no lightning_segcompress import). Needs numpy and Pillow, plus the runtime of the file:
-``executorch`` for ``.pte`` (its Python runtime takes torch tensors), ``torch`` for ``.ptl`` (the lite interpreter).
+``executorch`` for ``.pte`` (its Python runtime takes torch tensors), ``torch`` for ``.ptl`` (the lite interpreter),
+``onnxruntime`` for ``.onnx`` (no torch needed).
 """
 
 from __future__ import annotations
@@ -60,8 +62,21 @@ def preprocess(image: Image.Image, metadata: dict) -> np.ndarray:
 
 
 def load_model(model_path: str | Path, threads: int | None = None):
-    """A callable ``numpy [N, 3, H, W] -> numpy logits [N, C, H, W]`` for a ``.pte`` or ``.ptl`` file."""
+    """A callable ``numpy [N, 3, H, W] -> numpy logits [N, C, H, W]`` for a ``.pte``, ``.ptl`` or ``.onnx`` file."""
     model_path = Path(model_path)
+    if model_path.suffix == ".onnx":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: x})[0]
+
+        return run
     if model_path.suffix == ".pte":
         import torch
         from executorch.runtime import Runtime
@@ -98,7 +113,7 @@ def load_model(model_path: str | Path, threads: int | None = None):
             return output.detach().numpy()
 
         return run
-    raise ValueError(f"{model_path} is neither an ExecuTorch .pte nor a TorchScript lite .ptl file.")
+    raise ValueError(f"{model_path} is neither an ExecuTorch .pte, a TorchScript lite .ptl nor an ONNX .onnx file.")
 
 
 def segment(model_path: str | Path, image: Image.Image, threads: int | None = None) -> np.ndarray:
@@ -117,7 +132,7 @@ def colourize(classes: np.ndarray, num_classes: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="model.pte or model.ptl (model.json next to it)")
+    parser.add_argument("model", help="model.pte, model.ptl or model.onnx (model.json next to it)")
     parser.add_argument("image", help="input image (any format Pillow reads)")
     parser.add_argument("--output", default="mask.png", help="colour PNG of the predicted classes")
     parser.add_argument("--classes_out", default=None, help="also write the class ids as an 8-bit PNG")

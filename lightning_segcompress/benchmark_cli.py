@@ -42,7 +42,8 @@ def benchmark(
         num_classes: classes for network specs that take ``classes``/``num_classes``.
         input_size: ``[H, W]`` of the benchmark input (``[N, C, H, W]`` is deprecated).
         batch_size: batch size of the benchmark input.
-        runtimes: any of ``eager``, ``torchscript_lite``, ``executorch``.
+        runtimes: any of ``eager``, ``torchscript_lite``, ``executorch``, ``onnxruntime`` (alias ``onnx``; needs the
+            ``[onnx]`` extra).
         threads: CPU threads for timing (default: torch's).
         warmup: untimed calls before timing.
         runs: timed calls.

@@ -68,13 +68,8 @@ def load_module(ckpt: str, recipe: str | None = None, model_class: str | None = 
     return _load_compressed(module, checkpoint, ckpt)
 
 
-def load_validation_batches(spec: dict[str, Any], count: int):
-    """The LightningDataModule of ``spec`` (``{"class_path", "init_args"}``), set up for validation, and its first
-    ``count`` labelled validation batches as ``(images, masks)``; one clear error without any."""
-    from itertools import islice
-
+def _datamodule(spec: dict[str, Any], stage: str):
     from lightning_segcompress.models.factory import resolve_class_path
-    from lightning_segcompress.utils.batch import split_batch
 
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"--data is a LightningDataModule spec {{'class_path': ..., 'init_args': {{...}}}}, got "
@@ -82,12 +77,46 @@ def load_validation_batches(spec: dict[str, Any], count: int):
     datamodule = resolve_class_path(spec["class_path"])(**dict(spec.get("init_args") or {}))
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
-    datamodule.setup("validate")
+    datamodule.setup(stage)
+    return datamodule
+
+
+def load_validation_batches(spec: dict[str, Any], count: int):
+    """The LightningDataModule of ``spec`` (``{"class_path", "init_args"}``), set up for validation, and its first
+    ``count`` labelled validation batches as ``(images, masks)``; one clear error without any."""
+    from itertools import islice
+
+    from lightning_segcompress.utils.batch import split_batch
+
+    datamodule = _datamodule(spec, "validate")
     labelled = (pair for pair in map(split_batch, datamodule.val_dataloader()) if pair[1] is not None)
     batches = list(islice(labelled, count))
     if not batches:
         raise ValueError(f"{spec['class_path']} has no labelled validation batches to score the model on.")
     return datamodule, batches
+
+
+def load_training_images(spec: dict[str, Any], count: int, input_size, batch_size: int) -> list:
+    """The images of the first ``count`` training batches of the data module ``spec``, fitted to ``input_size``
+    (:func:`~lightning_segcompress.benchmark.accuracy.fit_to_input`) and regrouped into ``[batch_size, C, H, W]``
+    batches (calibration data for a static-shape file); one clear error without any."""
+    from itertools import islice
+
+    import torch
+
+    from lightning_segcompress.benchmark.accuracy import fit_to_input
+    from lightning_segcompress.utils.batch import split_batch
+
+    datamodule = _datamodule(spec, "fit")
+    images = [fit_to_input(split_batch(batch)[0].detach().cpu().float(), list(input_size))
+              for batch in islice(datamodule.train_dataloader(), count)]
+    if not images:
+        raise ValueError(f"{spec['class_path']} has no training batches to calibrate on.")
+    flat = torch.cat(images)
+    usable = flat.shape[0] - flat.shape[0] % batch_size
+    if usable == 0:
+        raise ValueError(f"{flat.shape[0]} calibration images are fewer than the batch size {batch_size}.")
+    return list(flat[:usable].split(batch_size))
 
 
 def module_from_recipe(path: str):

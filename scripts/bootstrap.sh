@@ -14,6 +14,6 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[bootstrap] installing lightning-segcompress and pinned dependencies into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,plots,executorch]"
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,plots,executorch,onnx]"
     echo "$want" > "$stamp"
 fi

@@ -24,10 +24,11 @@ from lightning_segcompress.benchmark.report import (
     profile_blocks,
     profile_section,
 )
+from lightning_segcompress.benchmark.runtimes import get_runtime, runtime_names
 from lightning_segcompress.utils.inspection import evaluation_mode, extract_logits, module_device
 from lightning_segcompress.utils.statistics import paired_bootstrap, per_class_iou
 
-RUNTIME_LABELS = {"eager": "eager", "torchscript_lite": "lite", "executorch": "ExecuTorch"}
+RUNTIME_LABELS = {name: get_runtime(name).label for name in runtime_names()}
 
 
 def conv_widths(network: nn.Module) -> dict[str, int]:

@@ -271,13 +271,15 @@ def etdump_profile(event_blocks, quantized: bool = False, delegate_dtype: str | 
 
 
 def profile_runtime(runtime: str, program, path: str, x: torch.Tensor, quantized: bool = False,
-                    delegate_dtype: str | None = None) -> dict:
-    """The operator profile of a loaded ``program`` (eager module, lite module; for ExecuTorch the ``.pte`` at
-    ``path`` is loaded again with its event tracer on); errors are returned as ``{"status": "error", ...}``."""
+                    delegate_dtype: str | None = None, threads: int | None = None) -> dict:
+    """The operator profile of a loaded ``program`` on ``runtime`` (eager module, lite module; ExecuTorch and ONNX
+    Runtime load the file at ``path`` again with their profilers on); errors are returned as
+    ``{"status": "error", ...}``."""
+    from lightning_segcompress.benchmark.runtimes import get_runtime
+
     try:
-        if runtime == "executorch":
-            return profile_executorch(path, x, quantized=quantized, delegate_dtype=delegate_dtype)
-        return profile_torch(program, x, quantized=quantized, runtime=runtime)
+        return get_runtime(runtime).profile(program, path, x, quantized=quantized, delegate_dtype=delegate_dtype,
+                                            threads=threads)
     except Exception as err:  # noqa: BLE001 - a profile must never lose the timing
         return profile_error(err)
 

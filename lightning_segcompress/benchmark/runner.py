@@ -14,15 +14,9 @@ import torch
 from torch import nn
 
 from lightning_segcompress.benchmark.accuracy import MAX_MIOU_GAP, EvalSet, compare_accuracy, predict_confusion
-from lightning_segcompress.benchmark.executorch_runtime import (
-    ExecuTorchProgram,
-    delegate_dtype,
-    executorch_available,
-    export_executorch,
-)
 from lightning_segcompress.benchmark.profile import profile_runtime
+from lightning_segcompress.benchmark.runtimes import canonical_name, get_runtime, runtime_names
 from lightning_segcompress.benchmark.timing import measure_latency, num_threads
-from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
 from lightning_segcompress.memory import TiledInference, memory_report
 from lightning_segcompress.utils.inspection import (
     count_macs,
@@ -32,10 +26,9 @@ from lightning_segcompress.utils.inspection import (
     has_int8_modules,
 )
 
-RUNTIMES = ("eager", "torchscript_lite", "executorch")
+RUNTIMES = runtime_names()  # the registered runtimes when this module was imported
 INT8_MEMORY_REASON = ("torch.export cannot trace FX int8 modules; the float stage's 'int8 planned' column estimates "
                       "this arena")
-_ARTIFACTS = {"torchscript_lite": "model.ptl", "executorch": "model.pte"}
 _EVAL_FILE = "eval_inputs.pt"
 
 
@@ -60,11 +53,13 @@ class BenchmarkSettings:
     max_miou_gap: float = MAX_MIOU_GAP
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        known = runtime_names()
+        unknown = [r for r in self.runtimes if r not in known and not _is_alias(r)]
         if unknown:
-            raise ValueError(f"Unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}.")
+            raise ValueError(f"Unknown runtime(s) {unknown}; choose from {list(known)}.")
         if not self.runtimes:
-            raise ValueError(f"runtimes is empty; choose one or more of {list(RUNTIMES)}.")
+            raise ValueError(f"runtimes is empty; choose one or more of {list(known)}.")
+        object.__setattr__(self, "runtimes", tuple(dict.fromkeys(canonical_name(r) for r in self.runtimes)))
         if len(self.input_shape) != 4 or any(int(s) <= 0 for s in self.input_shape):
             raise ValueError(f"input_size must be 4 positive ints (N, C, H, W), got {list(self.input_shape)}.")
         if self.runs <= 0:
@@ -105,7 +100,7 @@ class _Job:
 
 
 def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_dir: str | Path,
-                      evaluation: EvalSet | None = None) -> dict:
+                      evaluation: EvalSet | None = None, export_options: dict[str, dict] | None = None) -> dict:
     """Measure a copy of ``network`` (the original is never modified) on each runtime, and (``settings.memory``)
     its activation memory.
 
@@ -121,8 +116,12 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
     against eager's on the same images (:func:`~lightning_segcompress.benchmark.accuracy.compare_accuracy`:
     ``miou``, ``eager_miou``, ``gap_points``, ``flagged`` beyond ``settings.max_miou_gap``), or
     ``{"status": "error", ...}``.
+
+    ``export_options``: keyword options per runtime name for its export (e.g. ``{"onnxruntime": {"dynamic": True}}``,
+    see :class:`~lightning_segcompress.benchmark.runtimes.Runtime`).
     """
     output_dir = Path(output_dir)
+    export_options = {canonical_name(name): dict(options) for name, options in (export_options or {}).items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     model = LogitsOnly(copy.deepcopy(network).cpu()).eval()
     x = torch.randn(*settings.input_shape, generator=torch.Generator().manual_seed(0))
@@ -151,7 +150,11 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
     try:
         for runtime in settings.runtimes:
             try:
-                entry = _RUNNERS[runtime](model, x, reference, settings, output_dir, job)
+                if runtime == "eager":
+                    entry = _run_eager(model, x, reference, settings, output_dir, job)
+                else:
+                    entry = _run_exported(runtime, model, x, reference, settings, output_dir, job,
+                                          export_options.get(runtime, {}))
             except Exception as err:  # noqa: BLE001 - recorded in the report, the caller carries on
                 entry = {"status": "error", "error": _error(err)}
             report["runtimes"][runtime] = entry
@@ -217,23 +220,20 @@ def _run_eager(model, x, reference, settings, output_dir, job: _Job) -> dict:
     return entry
 
 
-def _run_torchscript_lite(model, x, reference, settings, output_dir, job: _Job) -> dict:
-    path = output_dir / _ARTIFACTS["torchscript_lite"]
-    info = export_torchscript_lite(model, x, path)
-    return _check_and_time("torchscript_lite", load_lite(path), info, x, reference, settings, job)
-
-
-def _run_executorch(model, x, reference, settings, output_dir, job: _Job) -> dict:
-    available, reason = executorch_available()
+def _run_exported(name: str, model, x, reference, settings, output_dir, job: _Job, options: dict) -> dict:
+    runtime = get_runtime(name)
+    available, reason = runtime.available()
     if not available:
         return {"status": "skipped", "reason": reason}
-    if has_int8_modules(model):
-        return {"status": "skipped", "reason": "FX int8 modules run on TorchScript lite; quantize with backend pt2e "
-                                               "for ExecuTorch"}
-    path = output_dir / _ARTIFACTS["executorch"]
-    info = export_executorch(model, x, path)
-    program = ExecuTorchProgram(path, num_threads=settings.threads)  # its thread pool ignores torch's setting
-    return _check_and_time("executorch", program, info, x, reference, settings, job)
+    refused = runtime.refuses(model)
+    if refused:
+        return {"status": "skipped", "reason": refused}
+    unknown = sorted(set(options) - set(runtime.export_options))
+    if unknown:
+        raise ValueError(f"{name} export takes no option(s) {unknown}; it takes {list(runtime.export_options)}")
+    info = runtime.export(model, x, output_dir / runtime.artifact, **options)
+    program = runtime.load(info["path"], settings.threads)
+    return _check_and_time(name, program, info, x, reference, settings, job)
 
 
 def _check_and_time(runtime: str, program, info: dict, x, reference, settings, job: _Job) -> dict:
@@ -242,17 +242,23 @@ def _check_and_time(runtime: str, program, info: dict, x, reference, settings, j
     diff = float((output - reference).abs().max())
     entry = {"status": "ok", "size_mb": info["size_bytes"] / 1e6, "size_kind": "file",
              "max_abs_diff": diff, **{k: v for k, v in info.items() if k != "size_bytes"}}
-    if job.quantized:  # int8 kernels round differently from the reference ops: compare the predicted classes
-        agreement = float((output.argmax(1) == reference.argmax(1)).float().mean())
+    quantized = job.quantized or bool(info.get("int8"))  # int8 in the file (e.g. quantized by the runtime's tools)
+    agreement = float((output.argmax(1) == reference.argmax(1)).float().mean())
+    float_check = info.get("float_check")
+    if float_check is not None:  # quantized by the runtime's own tools: no int8 eager to compare with; its float
+        # export is checked, and what quantization costs is the agreement and the file's mIoU, reported
+        _check_reproduces(runtime, float_check["max_abs_diff"], 1.0, False, settings, " (float, before quantizing)")
+    else:
+        _check_reproduces(runtime, diff, agreement, quantized, settings)
+    if quantized:
         entry["argmax_agreement"] = agreement
-        if not agreement >= settings.int8_agreement:
-            raise AssertionError(f"{runtime} int8 output predicts the eager class on {agreement:.2%} of the pixels "
-                                 f"< int8_agreement {settings.int8_agreement:.2%}")
-    elif not diff <= settings.tolerance:
-        raise AssertionError(
-            f"{runtime} output differs from eager by {diff:.3g} > tolerance {settings.tolerance:g}"
-        )
-    dtype = delegate_dtype(info.get("ops")) if runtime == "executorch" else None
+    other = info.get("dynamic_check")  # a file with symbolic shapes, checked by its exporter on a second shape
+    if other:
+        _check_reproduces(runtime, other["max_abs_diff"], other["argmax_agreement"], quantized, settings,
+                          f" at input {other['shape']}")
+    if quantized and not job.quantized:
+        job = _Job(True, job.evaluation, job.eval_path, job.eager_confusion)
+    dtype = info.get("delegate_dtype")
     confusion = None
     if settings.isolate:
         timed = _time_in_subprocess(runtime, info["path"], settings, job, dtype)
@@ -266,7 +272,8 @@ def _check_and_time(runtime: str, program, info: dict, x, reference, settings, j
         with num_threads(settings.threads):
             entry.update(measure_latency(program, x, settings.warmup, settings.runs), peak_rss_mb=None)
             if settings.profile:  # after the timed runs
-                entry["profile"] = profile_runtime(runtime, program, info["path"], x, job.quantized, dtype)
+                entry["profile"] = profile_runtime(runtime, program, info["path"], x, job.quantized, dtype,
+                                                   settings.threads)
             if job.evaluation is not None:
                 try:
                     confusion = predict_confusion(program, job.evaluation, settings.input_shape[0])
@@ -279,6 +286,18 @@ def _check_and_time(runtime: str, program, info: dict, x, reference, settings, j
         except Exception as err:  # noqa: BLE001
             entry["accuracy"] = {"status": "error", "error": _error(err)}
     return entry
+
+
+def _check_reproduces(runtime: str, diff: float, agreement: float, quantized: bool, settings: BenchmarkSettings,
+                      where: str = "") -> None:
+    """Raise unless a file's output matches eager's: within the tolerance or, int8 (whose kernels round differently
+    from the reference ops), on at least ``int8_agreement`` of the pixels' classes."""
+    if quantized and not agreement >= settings.int8_agreement:
+        raise AssertionError(f"{runtime} int8 output{where} predicts the eager class on {agreement:.2%} of the pixels "
+                             f"< int8_agreement {settings.int8_agreement:.2%}")
+    if not quantized and not diff <= settings.tolerance:
+        raise AssertionError(f"{runtime} output{where} differs from eager by {diff:.3g} > tolerance "
+                             f"{settings.tolerance:g}")
 
 
 def _time_in_subprocess(runtime: str, path: str, settings: BenchmarkSettings, job: _Job | None = None,
@@ -295,6 +314,9 @@ def _time_in_subprocess(runtime: str, path: str, settings: BenchmarkSettings, jo
             command += ["--delegate-dtype", delegate_dtype]
     if job.eval_path is not None:
         command += ["--eval", str(job.eval_path)]
+    adapter_module = getattr(get_runtime(runtime).load, "__module__", None)
+    if adapter_module and adapter_module != "lightning_segcompress.benchmark.runtimes":
+        command += ["--import", adapter_module]  # a third-party runtime registers itself when imported
     result = subprocess.run(command, capture_output=True, text=True, timeout=settings.worker_timeout_s)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]
@@ -307,4 +329,9 @@ def _error(err: BaseException) -> dict:
     return {"type": type(err).__name__, "message": text.splitlines()[0][:500] if text else ""}
 
 
-_RUNNERS = {"eager": _run_eager, "torchscript_lite": _run_torchscript_lite, "executorch": _run_executorch}
+def _is_alias(name: str) -> bool:
+    try:
+        canonical_name(name)
+    except ValueError:
+        return False
+    return True

@@ -9,6 +9,7 @@ After timing (and after the peak is read), optionally:
 * ``--profile``: time per operator (:mod:`~lightning_segcompress.benchmark.profile`, separate profiled runs; with
   ``--quantized`` the float islands, with ``--delegate-dtype`` the dtype of XNNPACK ops without a type tag); the
   JSON line gains ``"profile"`` (an error is recorded there, the timing is kept).
+* ``--import MODULE``: import it first (the module of a third-party runtime's adapter, which registers it).
 * ``--eval EVALSET.pt``: run the artifact on the saved validation images
   (:class:`~lightning_segcompress.benchmark.accuracy.EvalSet`, in chunks of the shape's batch size); the JSON line
   gains ``"eval": {"confusion": [N, C, C] per-image confusion matrices}`` (or ``{"error": ...}``).
@@ -17,6 +18,7 @@ After timing (and after the peak is read), optionally:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import torch
@@ -32,15 +34,9 @@ from lightning_segcompress.benchmark.timing import (
 
 
 def load_runtime(runtime: str, path: str, threads: int | None = None):
-    if runtime == "torchscript_lite":
-        from lightning_segcompress.benchmark.torchscript_lite import load_lite
+    from lightning_segcompress.benchmark.runtimes import get_runtime
 
-        return load_lite(path)
-    if runtime == "executorch":
-        from lightning_segcompress.benchmark.executorch_runtime import ExecuTorchProgram
-
-        return ExecuTorchProgram(path, num_threads=threads)  # its thread pool ignores torch's setting
-    raise ValueError(f"unknown runtime {runtime!r}")
+    return get_runtime(runtime).load(path, threads)
 
 
 def evaluate_file(program, eval_path: str, batch_size: int) -> dict:
@@ -67,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantized", action="store_true")
     parser.add_argument("--delegate-dtype", choices=("int8", "float"), default=None)
     parser.add_argument("--eval", default=None)
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        help="module that registers the runtime (a third-party adapter)")
     args = parser.parse_args(argv)
+    for module in args.imports:
+        importlib.import_module(module)
     shape = [int(s) for s in args.shape.split(",")]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     reset_peak_rss()  # the peak then covers loading and running the model, not importing torch
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         peak = peak_rss_mb()  # before profiling and scoring, which are not part of running the model
         if args.profile:
             result["profile"] = profile_runtime(args.runtime, program, args.path, x, args.quantized,
-                                                args.delegate_dtype)
+                                                args.delegate_dtype, args.threads or None)
         if args.eval:
             result["eval"] = evaluate_file(program, args.eval, shape[0])
     result.update(peak_rss_mb=peak, rss_before_load_mb=before_load, model_peak_mb=peak - before_load)

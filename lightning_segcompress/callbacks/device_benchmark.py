@@ -93,8 +93,10 @@ class DeviceBenchmark(CompressionCallback):
         input_size: ``[H, W]`` of the benchmark input (as everywhere in this package; ``[N, C, H, W]`` is a
             deprecated spelling).
         batch_size: batch size of the benchmark input.
-        runtimes: any of ``"eager"``, ``"torchscript_lite"``, ``"executorch"`` (skipped, with the reason
-            recorded, where executorch is not installed).
+        runtimes: any of ``"eager"``, ``"torchscript_lite"``, ``"executorch"``, ``"onnxruntime"`` (alias
+            ``"onnx"``) or a runtime registered with
+            :func:`~lightning_segcompress.benchmark.runtimes.register_runtime` (skipped, with the reason recorded,
+            where its package is not installed).
         threads: CPU threads for timing; ``None`` keeps torch's default.
         warmup: untimed calls before timing.
         runs: timed calls; the median and 90th percentile are reported.

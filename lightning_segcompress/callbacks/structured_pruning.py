@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_segcompress.benchmark.runtimes import canonical_name
 from lightning_segcompress.callbacks._batchnorm import checked_bn_batches, reestimate_statistics
 from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._training import load_lr_schedule_state, lr_schedule_state
@@ -80,7 +81,8 @@ class StructuredPruning(CompressionCallback):
             once on the runtime, the real ms of the pruned network (``predicted_ms``, ``measured_ms`` in
             ``pruning_steps.json``).
         runtime: where ``target: latency`` is measured: ``"executorch"`` (XNNPACK, the default; needs
-            ``pip install 'lightning-segcompress[executorch]'``), ``"torchscript_lite"`` or ``"eager"``.
+            ``pip install 'lightning-segcompress[executorch]'``), ``"onnxruntime"`` (alias ``"onnx"``; needs
+            ``[onnx]``), ``"torchscript_lite"`` or ``"eager"``.
         threads: CPU threads for latency timing (``target: latency``); ``None`` keeps torch's default (and
             ExecuTorch's: all cores). As in ``DeviceBenchmark``: use the deployment's thread count.
         latency_ranking: with ``target: latency``, also rank channels by what they cost on ``runtime``
@@ -184,9 +186,11 @@ class StructuredPruning(CompressionCallback):
                                         end_epoch=end_epoch, steps=steps)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}.")
-        if runtime not in RUNTIMES:
+        try:
+            runtime = canonical_name(runtime)
+        except ValueError:
             raise ValueError(f"runtime (where target: latency is measured) must be one of {list(RUNTIMES)}, got "
-                             f"{runtime!r}.")
+                             f"{runtime!r}.") from None
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {threads}.")
         if target == "latency":

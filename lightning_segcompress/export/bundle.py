@@ -27,7 +27,14 @@ __all__ = ["BUNDLE_VERSION", "ExportError", "IMAGENET_NORMALIZATION", "RUNTIME_S
            "write_bundle"]
 
 BUNDLE_VERSION = 1
-RUNTIME_SUFFIXES = {"executorch": ".pte", "torchscript_lite": ".ptl"}
+
+def _suffixes() -> dict[str, str]:
+    from lightning_segcompress.benchmark.runtimes import file_runtimes, get_runtime
+
+    return {name: get_runtime(name).suffix for name in file_runtimes()}
+
+
+RUNTIME_SUFFIXES = _suffixes()  # the registered runtimes with a file, when this module was imported
 # the defaults of lightning_segcompress.data.transforms.SegmentationTransform (not imported: it pulls in Lightning)
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                           "source": "ImageNet defaults (SegmentationTransform)"}
@@ -43,15 +50,23 @@ def metadata_path(output: str | Path) -> Path:
 
 
 def check_output_path(runtime: str, output: str | Path | None) -> Path:
-    """``output`` (default ``model.pte`` / ``model.ptl``), refused when its suffix is not the runtime's."""
-    if runtime not in RUNTIME_SUFFIXES:
-        raise ValueError(f"Unknown runtime {runtime!r}; choose one of {sorted(RUNTIME_SUFFIXES)}.")
-    suffix = RUNTIME_SUFFIXES[runtime]
+    """``output`` (default ``model.pte`` / ``model.ptl`` / ``model.onnx``), refused when its suffix is not the
+    runtime's."""
+    from lightning_segcompress.benchmark.runtimes import canonical_name
+
+    suffixes = _suffixes()
+    try:
+        runtime = canonical_name(runtime)
+    except ValueError:
+        pass
+    if runtime not in suffixes:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose one of {sorted(suffixes)}.")
+    suffix = suffixes[runtime]
     if output is None:
         return Path(f"model{suffix}")
     output = Path(output)
     if output.suffix != suffix:
-        expected = {s: r for r, s in RUNTIME_SUFFIXES.items()}
+        expected = {s: r for r, s in suffixes.items()}
         hint = f" (a {output.suffix} file is the {expected[output.suffix]} runtime's)" if output.suffix in expected \
             else ""
         raise ValueError(f"--output {output} does not match runtime {runtime}: a {runtime} file ends in {suffix}"
@@ -151,6 +166,7 @@ def write_bundle(
     atol: float = 1e-3,
     int8_agreement: float = 0.85,
     isolate: bool = True,
+    export_options: dict | None = None,
 ) -> dict:
     """Export ``network`` for ``runtime`` to ``output`` plus ``model.json`` next to it; returns that metadata.
 
@@ -158,23 +174,35 @@ def write_bundle(
     ``evaluation`` (an :class:`~lightning_segcompress.benchmark.accuracy.EvalSet` at ``input_size``): also score
     the exported file's val mIoU (and eager's on the same images). The file is timed on this machine (``warmup``,
     ``runs``, ``threads``; in a fresh worker process with ``isolate``). Raises :class:`ExportError` (cause and fix)
-    if the export or its output check fails; then nothing is written at ``output``.
+    if the export or its output check fails; then nothing is written at ``output``. ``export_options``: keyword
+    options of the runtime's export (ONNX: ``dynamic``, ``opset``, ``calibration``).
     """
     from lightning_segcompress.benchmark.runner import BenchmarkSettings, LogitsOnly, benchmark_network
+    from lightning_segcompress.benchmark.runtimes import get_runtime
     from lightning_segcompress.utils.inspection import input_channels
     from lightning_segcompress.utils.shapes import input_shape
 
     output = check_output_path(runtime, output)
+    runtime = get_runtime(runtime).name
     shape = input_shape(input_size, batch_size, channels=input_channels(network), owner="export")
     model, conversion = network_to_export(network)
+    export_options = dict(export_options or {})
+    if export_options.get("calibration") is not None:
+        export_options["calibration"] = list(export_options["calibration"])
+        if conversion["quantization"] is not None:
+            raise ExportError("The checkpoint's network is already quantized (its learned scales go into the file); "
+                              "drop --quantize, which is for float checkpoints.")
+        conversion = {"quantization": {"backend": "onnxruntime static (QDQ)", "qat": False, "converted_here": True,
+                                       "calibration_batches": len(export_options["calibration"])}}
     checked_class_names(class_names, _num_classes(LogitsOnly(model), shape))  # before the slow export
     settings = BenchmarkSettings(input_shape=shape, runtimes=(runtime,), threads=threads, warmup=warmup, runs=runs,
                                  tolerance=atol, int8_agreement=int8_agreement, isolate=isolate, memory=False,
                                  profile=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=output.parent) as work:
-        report = benchmark_network(model, settings, work, evaluation=evaluation)
-        exported = Path(work) / f"model{RUNTIME_SUFFIXES[runtime]}"
+        report = benchmark_network(model, settings, work, evaluation=evaluation,
+                                   export_options={runtime: export_options})
+        exported = Path(work) / get_runtime(runtime).artifact
         return bundle_from_report(model, report, runtime, exported, output, class_names=class_names,
                                   normalization=normalization, threads=threads, conversion=conversion)
 
@@ -197,9 +225,11 @@ def bundle_from_report(
     ``model`` is the module that was exported (classes and quantization are read from it). Raises
     :class:`ExportError` if the report's entry for ``runtime`` is not ok."""
     from lightning_segcompress.benchmark.runner import LogitsOnly, is_int8
+    from lightning_segcompress.benchmark.runtimes import get_runtime
     from lightning_segcompress.compression_state import get_stages
 
     output = check_output_path(runtime, output)
+    runtime = get_runtime(runtime).name
     entry = (report.get("runtimes") or {}).get(runtime)
     _raise_unless_ok(runtime, entry, report)
     exported = Path(exported)
@@ -216,9 +246,9 @@ def bundle_from_report(
         "file": output.name,
         "runtime": runtime,
         "size_bytes": exported.stat().st_size,
-        "int8": bool(is_int8(model)),
+        "int8": bool(is_int8(model) or entry.get("int8")),
         "input": {"batch_size": shape[0], "channels": shape[1], "input_size": shape[2:], "dtype": "float32",
-                  "layout": "NCHW"},
+                  "layout": "NCHW", "dynamic": bool(entry.get("dynamic"))},
         "input_size": shape[2:],
         "normalization": normalization,
         "num_classes": num_classes,
@@ -229,15 +259,21 @@ def bundle_from_report(
         "params": report.get("params"),
         "macs": report.get("macs"),
         "check": {"max_abs_diff": entry.get("max_abs_diff"), "argmax_agreement": entry.get("argmax_agreement"),
-                  "export_method": entry.get("method")},
+                  "export_method": entry.get("method"), "other_shape": entry.get("dynamic_check"),
+                  "float_before_quantizing": entry.get("float_check")},
         "latency": {"median_ms": entry.get("median_ms"), "p90_ms": entry.get("p90_ms"),
                     "threads": threads if threads is not None else torch.get_num_threads(),
                     "peak_rss_mb": entry.get("peak_rss_mb"),
                     "measured_on": f"{platform.system()} {platform.machine()}"},
         "accuracy": None,
         "versions": {"torch": torch.__version__, "executorch": _version("executorch"),
+                     "onnxruntime": _version("onnxruntime"),
                      "lightning_segcompress": _version("lightning-segcompress")},
     }
+    if entry.get("opset") is not None:
+        metadata["opset"] = entry["opset"]
+    if entry.get("notes"):
+        metadata["export_notes"] = list(entry["notes"])
     if accuracy.get("miou") is not None:
         metadata["accuracy"] = {"val_miou": accuracy["miou"], "eager_val_miou": accuracy["eager_miou"],
                                 "gap_points": accuracy["gap_points"], "images": accuracy["images"],
@@ -255,9 +291,11 @@ def _raise_unless_ok(runtime: str, entry: dict | None, report: dict) -> None:
     if entry.get("status") == "ok":
         return
     if entry.get("status") == "skipped":
+        from lightning_segcompress.benchmark.runtimes import get_runtime
+
         reason = entry.get("reason", "")
-        fix = ("install it: pip install 'lightning-segcompress[executorch]'" if "not installed" in reason else
-               "export with --runtime torchscript_lite, or quantize with backend pt2e for ExecuTorch"
+        fix = (f"install it: {get_runtime(runtime).install_hint}" if "not installed" in reason else
+               "export with --runtime torchscript_lite, or quantize with backend pt2e for ExecuTorch or ONNX"
                if "FX int8" in reason else "use --runtime torchscript_lite")
         raise ExportError(f"{runtime} cannot export this network: {reason}. Fix: {fix}.")
     error = entry.get("error") or {}

@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,29 +51,31 @@ import torch
 from torch import nn
 
 from lightning_segcompress.benchmark.runner import LogitsOnly
+from lightning_segcompress.benchmark.runtimes import export_and_load, get_runtime, runtime_names
 from lightning_segcompress.benchmark.timing import num_threads
 from lightning_segcompress.pruning.graph import build_graph
 from lightning_segcompress.pruning.importance import ROOT_TYPES, group_layers, is_out_pruning, owner_names
 from lightning_segcompress.utils.inspection import copy_without_hooks, output_tensors
 
-RUNTIMES = ("executorch", "torchscript_lite", "eager")
+RUNTIMES = runtime_names()  # every registered runtime (benchmark.runtimes) can time a layer
 DEFAULT_LEVELS = (1.0, 0.5, 0.25)
-INSTALL_HINT = "pip install 'lightning-segcompress[executorch]'"
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _CACHE: dict[tuple, float] = {}  # (runtime, threads, LayerSpec, cin, cout, groups) -> ms
 
 
-def check_runtime(runtime: str) -> None:
-    """Raise with the options (and, for ExecuTorch, the install command) when ``runtime`` cannot be timed here."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}.")
-    if runtime == "executorch":
-        from lightning_segcompress.benchmark.executorch_runtime import executorch_available
-
-        available, reason = executorch_available()
-        if not available:
-            raise ImportError(f"runtime 'executorch' needs ExecuTorch with its XNNPACK backend: {reason}. Install it "
-                              f"with {INSTALL_HINT}, or measure on runtime 'torchscript_lite' or 'eager'.")
+def check_runtime(runtime: str) -> str:
+    """The registered name of ``runtime``; raises with the options (and the install command) when it cannot be
+    timed here."""
+    try:
+        adapter = get_runtime(runtime)
+    except ValueError:
+        raise ValueError(f"runtime must be one of {list(runtime_names())}, got {runtime!r}.") from None
+    available, reason = adapter.available()
+    if not available:
+        others = [r for r in runtime_names() if r != adapter.name]
+        raise ImportError(f"runtime {adapter.name!r} cannot be timed here: {reason}. Install it with "
+                          f"{adapter.install_hint}, or measure on runtime {' or '.join(repr(r) for r in others)}.")
+    return adapter.name
 
 
 # ---- one layer, alone ------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ class RuntimeTimer:
 
     def __init__(self, runtime: str = "executorch", threads: int | None = None, *, warmup: int = 1,
                  runs: int = 5) -> None:
-        check_runtime(runtime)
+        runtime = check_runtime(runtime)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 (or None for the runtime's default), got {threads}.")
         self.runtime = runtime
@@ -199,19 +200,7 @@ class RuntimeTimer:
         return best
 
     def _load(self, module: nn.Module, x: torch.Tensor, folder: Path) -> Callable:
-        if self.runtime == "eager":
-            return module
-        if self.runtime == "torchscript_lite":
-            from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
-
-            path = export_torchscript_lite(module, x, folder / "model.ptl")["path"]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # "Lite Interpreter is deprecated", once per layer
-                return load_lite(path)
-        from lightning_segcompress.benchmark.executorch_runtime import ExecuTorchProgram, export_executorch
-
-        path = export_executorch(module, x, folder / "model.pte")["path"]
-        return ExecuTorchProgram(path, num_threads=self.threads)
+        return export_and_load(get_runtime(self.runtime), module, x, folder, self.threads)
 
 
 def clear_cache() -> None:

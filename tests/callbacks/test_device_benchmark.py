@@ -9,8 +9,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from lightning_segcompress import SyntheticScenesDataModule
-from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, compare
-from lightning_segcompress.benchmark import runner as runner_module
+from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network, compare, executorch_runtime
 from lightning_segcompress.benchmark.executorch_runtime import executorch_available
 from lightning_segcompress.callbacks import DeviceBenchmark
 from lightning_segcompress.models import SegmentationModule, build_network
@@ -86,7 +85,7 @@ def test_export_failure_is_recorded_not_raised(tmp_path):
 
 
 def test_missing_executorch_is_skipped_with_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner_module, "executorch_available", lambda: (False, "executorch is not installed"))
+    monkeypatch.setattr(executorch_runtime, "executorch_available", lambda: (False, "executorch is not installed"))
     settings = BenchmarkSettings(runtimes=("executorch",), **FAST)
     entry = benchmark_network(nn.Conv2d(3, 2, 1), settings, tmp_path)["runtimes"]["executorch"]
     assert entry == {"status": "skipped", "reason": "executorch is not installed"}

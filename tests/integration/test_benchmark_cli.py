@@ -33,4 +33,4 @@ def test_benchmark_needs_exactly_one_model_source(tmp_path):
     with pytest.raises(ValueError, match="Give what to load"):
         benchmark(output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="Unknown runtime"):
-        benchmark(network=SMALL_UNET, runtimes=["onnx"], output_dir=str(tmp_path))
+        benchmark(network=SMALL_UNET, runtimes=["tflite"], output_dir=str(tmp_path))

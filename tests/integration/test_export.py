@@ -61,6 +61,7 @@ def _png(path, size=(45, 30)):
 def test_executorch_bundle_reproduces_eager_and_the_example_writes_a_colour_mask(tmp_path, example):
     pytest.importorskip("executorch")
     output = tmp_path / "out" / "model.pte"
+    output.parent.mkdir()
     meta = main([f"--network={json.dumps(TINY)}", "--num_classes=3", "--runtime=executorch", "--input_size", "32",
                  "48", f"--output={output}", "--warmup=1", "--runs=2", "--class_names=[sky,road,car]"])
     saved = json.loads((tmp_path / "out" / "model.json").read_text())
@@ -204,7 +205,7 @@ def test_device_benchmark_save_artifact_writes_the_final_bundle_from_its_own_mea
         DeviceBenchmark(runtimes=["eager"], save_artifact=True)
     data = SyntheticScenesDataModule(**SYNTHETIC["init_args"])
     data.class_names = ("sky", "ground", "thing")
-    bench = DeviceBenchmark(input_size=[32, 32], runtimes=["eager", "torchscript_lite"], warmup=0, runs=1,
+    bench = DeviceBenchmark(input_size=[32, 32], runtimes=["eager", "torchscript_lite", "onnx"], warmup=0, runs=1,
                             isolate=False, memory=False, profile=False, report=False, on_fit_start=False,
                             per_technique=False, save_artifact=True, output_dir=str(tmp_path / "bench"))
     module = SegmentationModule(network=TINY, num_classes=3)
@@ -218,3 +219,10 @@ def test_device_benchmark_save_artifact_writes_the_final_bundle_from_its_own_mea
     assert meta["normalization"]["source"] == "SyntheticScenesDataModule.eval_transform()"
     x, reference = _eager(module.net, (1, 3, 32, 32))
     assert np.abs(example["load_model"](folder / "model.ptl")(x.numpy()) - reference.numpy()).max() <= 1e-3
+    # ONNX Runtime through the same callback: its bundle next to lite's, the file's mIoU measured in its worker
+    onnx_meta = json.loads((tmp_path / "bench" / "artifact" / "onnxruntime" / "model.json").read_text())
+    onnx_final = bench.stages["final"]["report"]["runtimes"]["onnxruntime"]
+    assert onnx_meta["file"] == "model.onnx" and onnx_meta["opset"] == 18
+    assert onnx_meta["accuracy"]["val_miou"] == onnx_final["accuracy"]["miou"] == final["accuracy"]["miou"]
+    onnx_file = tmp_path / "bench" / "artifact" / "onnxruntime" / "model.onnx"
+    assert np.abs(example["load_model"](onnx_file)(x.numpy()) - reference.numpy()).max() <= 1e-3

@@ -240,14 +240,16 @@ def test_real_eager_latency_model_smoke():
 def test_callback_accepts_latency_and_rejects_unknown_runtimes(monkeypatch):
     pruning = StructuredPruning(amount=0.5, target="latency", runtime="eager", threads=2)
     assert (pruning.target, pruning.runtime, pruning.threads) == ("latency", "eager", 2)
-    with pytest.raises(ValueError, match=r"runtime .* must be one of \['executorch', 'torchscript_lite', 'eager'\], "
-                                         r"got 'tflite'"):
+    assert StructuredPruning(target="macs", runtime="onnx").runtime == "onnxruntime"  # the alias resolves
+    with pytest.raises(ValueError, match=r"runtime .* must be one of \['eager', 'torchscript_lite', 'executorch', "
+                                         r"'onnxruntime'\], got 'tflite'"):
         StructuredPruning(target="latency", runtime="tflite")
     with pytest.raises(ValueError, match="threads must be >= 1"):
         StructuredPruning(target="latency", runtime="eager", threads=0)
     monkeypatch.setattr(executorch_runtime, "executorch_available",
                         lambda: (False, "executorch is not installed: pip install 'lightning-segcompress[executorch]'"))
-    with pytest.raises(ImportError, match=r"needs ExecuTorch.*pip install 'lightning-segcompress\[executorch\]'"):
+    with pytest.raises(ImportError, match=r"'executorch' cannot be timed here.*pip install "
+                                          r"'lightning-segcompress\[executorch\]'"):
         StructuredPruning(target="latency")  # runtime defaults to executorch
     StructuredPruning(target="macs")  # other targets do not need it
 
