@@ -54,7 +54,8 @@ Rows (``--rows`` takes the ids in brackets):
                                                 bn_batches), R epochs
   [budget]    budget 1 point                    StructuredPruning up to 50 % in min(4, ceil(R/2)) linear steps over
                                                 the first ceil(R/2) epochs with max_miou_drop=1.0 (all validation
-                                                images), R epochs; the achieved fraction is reported per sample
+                                                images; an undone step is bisected by the steps after it,
+                                                budget_backoff), R epochs; the achieved fraction per sample
   [int8]      best + PT2E int8                  the best fine-tuning row that removes 50 % of the MACs (by mean
                                                 mIoU; ``--int8_base`` pins it) + QuantizationAwareTraining(pt2e)
                                                 for the last ``--qat_epochs`` epochs; the converted int8 network
@@ -393,6 +394,8 @@ def run_key(args, baseline: dict, row: str, seed: int, base: str | None) -> dict
                bn_batches_default=default_bn_batches())
     if row == "int8":
         key.update(base=base, qat_epochs=args.qat_epochs)
+    if row == "budget":
+        key["budget_backoff"] = True  # undone steps are bisected (runs without this key stopped at the first)
     return key
 
 

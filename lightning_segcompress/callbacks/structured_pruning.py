@@ -114,11 +114,15 @@ class StructuredPruning(CompressionCallback):
             after it has been fine-tuned: just before the next step, and the last one at the start of the fit's
             last epoch. The first step whose network scores more than ``max_miou_drop`` points below the unpruned
             network (measured right before step 1, on the same ``eval_batches`` validation batches) is undone --
-            network, weights and pruning history back to just before it -- and the schedule stops: the fit keeps
-            the largest amount that stayed within the budget. Needs labelled validation data and one more
+            network, weights and pruning history back to just before it. With ``budget_backoff`` the remaining
+            steps then bisect between the amount kept and the amount that failed (each aims halfway, is judged
+            and kept or undone in turn); without it the schedule stops there. Either way the fit keeps the
+            largest amount measured within the budget. Needs labelled validation data and one more
             epoch after the last step; keeps one copy of the network's weights. The checks, the achieved
             fraction and the measured drop are logged (``pruning/miou_drop``) and written to
             ``pruning_budget.json`` beside ``pruning_steps.json``.
+        budget_backoff: with ``max_miou_drop``, keep pruning after an undone step with steps halfway between what is
+            kept and what failed (default), instead of stopping the schedule at the first undone step.
         eval_batches: validation batches the budget is measured on (``None``: all).
         ignore_index: label ignored by the budget's mIoU.
         lr_rewind_epoch: learning-rate rewinding (Renda et al., ICLR 2020): after every step, put the LR
@@ -171,6 +175,7 @@ class StructuredPruning(CompressionCallback):
         output_dir: str | None = None,
         seed: int = 0,
         max_miou_drop: float | None = None,
+        budget_backoff: bool = True,
         eval_batches: int | None = 8,
         ignore_index: int = 255,
         lr_rewind_epoch: int | None = None,
@@ -236,12 +241,13 @@ class StructuredPruning(CompressionCallback):
         self.output_dir = output_dir
         self.seed = seed
         self.max_miou_drop = max_miou_drop
+        self.budget_backoff = bool(budget_backoff)
         self.eval_batches = eval_batches
         self.ignore_index = ignore_index
         self.lr_rewind_epoch = lr_rewind_epoch
         # progress, saved in checkpoints
         self.steps_done = 0
-        self.budget = MiouBudget(max_miou_drop) if max_miou_drop is not None else None
+        self.budget = MiouBudget(max_miou_drop, backoff=self.budget_backoff) if max_miou_drop is not None else None
         self.lr_rewind_state: dict | None = None
         self.reference: dict[str, int] | None = None
         self.reference_widths: dict[str, int] | None = None
@@ -338,7 +344,7 @@ class StructuredPruning(CompressionCallback):
         self.records = list(state_dict.get("records", []))
         self.input_size = state_dict.get("input_size") or self.input_size
         if self.budget is not None:
-            self.budget = MiouBudget.from_dict(state_dict.get("budget"), self.max_miou_drop)
+            self.budget = MiouBudget.from_dict(state_dict.get("budget"), self.max_miou_drop, self.budget_backoff)
         self.lr_rewind_state = state_dict.get("lr_rewind_state") or self.lr_rewind_state
         if state_dict.get("latency_model"):
             self.latency_model = LatencyModel.from_dict(state_dict["latency_model"])
@@ -359,6 +365,8 @@ class StructuredPruning(CompressionCallback):
         if self.latency_model is not None:  # from a checkpoint, or assigned before the fit
             self.reference.setdefault("latency", self.latency_model.reference_ms)
         fraction = self.schedule.fraction_after(step)
+        if self.budget is not None:  # after an undone step: halfway between what is kept and what failed
+            fraction = self.budget.target_fraction(fraction)
         payload = self._decide(trainer, pl_module, network, example, step, fraction) if trainer.is_global_zero \
             else None
         payload = trainer.strategy.broadcast(payload, src=0)  # every rank applies rank 0's decision
@@ -402,7 +410,7 @@ class StructuredPruning(CompressionCallback):
     def _check_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Before the next step (or at the last epoch's start): measure the network. Before step 1 that sets the
         reference; afterwards the last step is judged and, over the budget, undone. False when the schedule must
-        stop."""
+        stop (an undone step without backoff)."""
         budget = self.budget
         if budget.stopped:
             return False
@@ -425,11 +433,12 @@ class StructuredPruning(CompressionCallback):
             self._undo_last_step(trainer, pl_module)
         self._write_steps(trainer)
         self._restore_point = None
-        return within
+        return within or not budget.stopped  # with backoff the schedule goes on, aiming lower
 
     def _undo_last_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, check = self.steps_done, self.budget.checks[-1]
         if self._restore_point is None:
+            self.budget.stopped_at_step = step
             rank_zero_warn(f"StructuredPruning: step {step} costs {check['drop_points']:.2f} mIoU points, more than "
                            f"max_miou_drop={self.max_miou_drop}, but it cannot be undone: it ran before the "
                            "checkpoint this fit resumed from, or another technique (e.g. quantization) has changed "
@@ -449,9 +458,11 @@ class StructuredPruning(CompressionCallback):
         self.records.append({"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                              "undone": True, "miou_drop_points": check["drop_points"],
                              "achieved_fraction": kept[-1]["achieved_fraction"] if kept else 0.0})
+        more = (f"; the next step aims at {self.budget.target_fraction(self.schedule.amount):.3f}"
+                if self.budget.backoff and step < self.schedule.steps else "")
         rank_zero_info(f"StructuredPruning: step {step} cost {check['drop_points']:.2f} mIoU points after "
                        f"fine-tuning (max_miou_drop {self.max_miou_drop}); undone. The fit keeps "
-                       f"{kept[-1]['achieved_fraction'] if kept else 0.0:.3f} of {self.target} removed.")
+                       f"{kept[-1]['achieved_fraction'] if kept else 0.0:.3f} of {self.target} removed{more}.")
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
                 example: torch.Tensor, step: int, fraction: float) -> dict:

@@ -1,5 +1,7 @@
 """An accuracy budget for a pruning schedule: after each step has been fine-tuned, compare the network's mIoU with
-the unpruned one's; the first step that costs more than the budget is undone and the schedule stops there.
+the unpruned one's; a step that costs more than the budget is undone. With ``backoff`` (the default) the schedule's
+remaining steps then bisect between the reduction kept and the one that failed, so the fit ends with the largest
+share that was measured within the budget instead of none; without it the schedule stops at the first undone step.
 Pure torch: the caller scores the network and decides when."""
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class MiouBudget:
     max_miou_drop: float
     reference_miou: float | None = None
     checks: list[dict] = field(default_factory=list)
-    stopped_at_step: int | None = None  # the step that was undone; None while the budget holds
+    stopped_at_step: int | None = None  # without backoff: the step that was undone; None while the budget holds
+    backoff: bool = True
+    ceiling: float | None = None  # the smallest achieved fraction measured over the budget
 
     def drop_points(self, miou: float) -> float:
         if self.reference_miou is None:
@@ -63,8 +67,21 @@ class MiouBudget:
         self.checks.append({"step": step, "epoch": epoch, "miou": miou, "drop_points": drop,
                             "achieved_fraction": fraction, "within_budget": within})
         if not within:
-            self.stopped_at_step = step
+            self.ceiling = fraction if self.ceiling is None else min(self.ceiling, fraction)
+            if not self.backoff:
+                self.stopped_at_step = step
         return within
+
+    def kept_fraction(self) -> float:
+        kept = [c for c in self.checks if c["within_budget"]]
+        return kept[-1]["achieved_fraction"] if kept else 0.0
+
+    def target_fraction(self, scheduled: float) -> float:
+        """The fraction the next step aims at: the schedule's until a step failed, then halfway between what is kept
+        and the smallest failure (never beyond the schedule)."""
+        if self.ceiling is None:
+            return scheduled
+        return min(scheduled, 0.5 * (self.kept_fraction() + self.ceiling))
 
     @property
     def stopped(self) -> bool:
@@ -73,11 +90,12 @@ class MiouBudget:
     def summary(self) -> dict:
         kept = [c for c in self.checks if c["within_budget"]]
         return {**asdict(self), "achieved_fraction": kept[-1]["achieved_fraction"] if kept else 0.0,
-                "final_drop_points": kept[-1]["drop_points"] if kept else 0.0}
+                "final_drop_points": kept[-1]["drop_points"] if kept else 0.0,
+                "undone_steps": [c["step"] for c in self.checks if not c["within_budget"]]}
 
     @classmethod
-    def from_dict(cls, state: dict | None, max_miou_drop: float) -> MiouBudget:
+    def from_dict(cls, state: dict | None, max_miou_drop: float, backoff: bool = True) -> MiouBudget:
         if not state:
-            return cls(max_miou_drop)
+            return cls(max_miou_drop, backoff=backoff)
         return cls(max_miou_drop, state.get("reference_miou"), list(state.get("checks", [])),
-                   state.get("stopped_at_step"))
+                   state.get("stopped_at_step"), backoff, state.get("ceiling"))

@@ -97,7 +97,8 @@ def test_budget_undoes_the_first_step_over_it_and_stops(tmp_path, params_score):
     # 5 linear steps of 10 % params at epochs 0-4; 12 points allow 24 %: steps 1 and 2 stay, step 3 (15 points)
     # is judged before step 4 (epoch 3), undone, and steps 4-5 never run
     pruning = StructuredPruning(amount=0.5, target="params", schedule="linear", start_epoch=0, end_epoch=5, steps=5,
-                                round_to=None, max_miou_drop=12.0, output_dir=str(tmp_path / "pruning"))
+                                round_to=None, max_miou_drop=12.0, budget_backoff=False,
+                                output_dir=str(tmp_path / "pruning"))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=6, limit_train_batches=1,
                                           callbacks=[pruning, History()]))
     trainer.fit(model, *loaders())
@@ -118,6 +119,32 @@ def test_budget_undoes_the_first_step_over_it_and_stops(tmp_path, params_score):
                                 steps=5, max_miou_drop=12.0)
     resumed.load_state_dict(state)
     assert resumed.budget.stopped and resumed.steps_done == 5
+
+
+def test_budget_backoff_bisects_to_the_largest_share_within_it(tmp_path, params_score):
+    pl.seed_everything(0)
+    model = UserSegmenter()
+    # the same schedule and score (50 points per pruned fraction of the params, 12 allowed: 24 %) with backoff:
+    # 10 % and 20 % stay, 30 % (15 points) is undone, step 4 aims at 25 % (12.5: undone), step 5 at 22.5 % (stays)
+    pruning = StructuredPruning(amount=0.5, target="params", schedule="linear", start_epoch=0, end_epoch=5, steps=5,
+                                round_to=None, max_miou_drop=12.0, output_dir=str(tmp_path / "pruning"))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=6, limit_train_batches=1, callbacks=[pruning]))
+    trainer.fit(model, *loaders())
+    budget = pruning.budget
+    assert [(c["step"], c["within_budget"]) for c in budget.checks] == [(1, True), (2, True), (3, False), (4, False),
+                                                                        (5, True)]
+    assert [round(c["achieved_fraction"], 2) for c in budget.checks] == pytest.approx([0.1, 0.2, 0.3, 0.25, 0.225],
+                                                                                     abs=0.02)
+    summary = budget.summary()
+    assert summary["undone_steps"] == [3, 4] and summary["stopped_at_step"] is None
+    assert summary["achieved_fraction"] == pytest.approx(0.225, abs=0.02) and summary["final_drop_points"] <= 12.0
+    params = count_params(model.segmenter_net)
+    reference = count_params(UserSegmenter().segmenter_net)
+    assert 1 - params / reference == pytest.approx(summary["achieved_fraction"], abs=0.01)  # what is kept is real
+    resumed = StructuredPruning(amount=0.5, target="params", schedule="linear", start_epoch=0, end_epoch=5, steps=5,
+                                max_miou_drop=12.0)
+    resumed.load_state_dict(pruning.state_dict())
+    assert resumed.budget.ceiling == pytest.approx(budget.ceiling) and resumed.budget.target_fraction(0.5) < 0.25
 
 
 def test_budget_judges_the_last_step_at_the_last_epoch(tmp_path, params_score):
@@ -161,11 +188,17 @@ def test_restore_point_brings_back_pruned_and_trained_weights():
 
 
 def test_budget_bookkeeping():
-    budget = MiouBudget(1.0, reference_miou=0.6)
+    budget = MiouBudget(1.0, reference_miou=0.6, backoff=False)
     assert budget.judge(1, 0.595, epoch=2, fraction=0.1)
     assert not budget.judge(2, 0.58, epoch=3, fraction=0.2)
     assert budget.summary()["achieved_fraction"] == 0.1 and budget.stopped_at_step == 2
-    assert MiouBudget.from_dict(budget.summary(), 1.0) == budget
+    assert MiouBudget.from_dict(budget.summary(), 1.0, backoff=False) == budget
+    bisecting = MiouBudget(1.0, reference_miou=0.6)
+    assert bisecting.target_fraction(0.3) == 0.3  # the schedule's, until a step fails
+    bisecting.judge(1, 0.595, epoch=2, fraction=0.1)
+    assert not bisecting.judge(2, 0.58, epoch=3, fraction=0.2) and not bisecting.stopped
+    assert bisecting.target_fraction(0.3) == pytest.approx(0.15) and bisecting.target_fraction(0.12) == 0.12
+    assert MiouBudget.from_dict(bisecting.summary(), 1.0) == bisecting
     with pytest.raises(ValueError, match="no reference mIoU"):
         MiouBudget(1.0).drop_points(0.5)
 
