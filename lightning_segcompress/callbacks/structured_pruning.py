@@ -495,7 +495,8 @@ class StructuredPruning(CompressionCallback):
                                  config, group_weights=weights, latency_model=self.latency_model)
         except Exception as err:  # noqa: BLE001 - broadcast to all ranks, then raised or skipped
             return {"error": f"{type(err).__name__}: {err}"}
-        if step == self.schedule.steps and not plan.within_tolerance:
+        bisecting = self.budget is not None and self.budget.ceiling is not None  # an approximate target
+        if step == self.schedule.steps and not plan.within_tolerance and not bisecting:
             message = (f"the closest plan removes {plan.achieved_fraction:.3f} of {self.target}, not {fraction:.3f} "
                        f"(rel_tolerance {self.rel_tolerance:.0%}). Lower round_to, raise max_layer_fraction, un-ignore "
                        "layers or raise rel_tolerance.")
