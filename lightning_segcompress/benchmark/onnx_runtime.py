@@ -88,13 +88,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
                                         output_names=["logits"], dynamic_shapes=_dynamic_shapes(dynamic),
                                         external_data=False, report=False, verbose=False)
             program.save(str(target), external_data=False)
-        int8, float_check = False, None
+        float_check = None
         if calibration is not None:
             with torch.no_grad():
                 float_check = {"max_abs_diff": float((OnnxProgram(target)(example) - model(example)).abs().max())}
             quantize_static_onnx(target, path, calibration)
             notes.append("statically quantized with ONNX Runtime (QDQ, per-channel s8 weights, u8 activations)")
-            int8 = True
     finally:
         if target != path:
             target.unlink(missing_ok=True)
@@ -102,9 +101,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
 
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
-    int8 = int8 or ops.get("QuantizeLinear", 0) > 0
     info = {"path": str(path), "size_bytes": path.stat().st_size, "method": "torch.onnx (dynamo)", "opset": opset,
-            "ops": dict(ops.most_common()), "dynamic": bool(dynamic), "int8": int8, "notes": notes}
+            "ops": dict(ops.most_common()), "dynamic": bool(dynamic), "int8": "QuantizeLinear" in ops, "notes": notes}
     if float_check is not None:
         info["float_check"] = float_check
     if dynamic:
@@ -154,10 +152,6 @@ class OnnxProgram:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().cpu().contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-
-def load_onnx(path: str | Path, threads: int | None = None) -> OnnxProgram:
-    return OnnxProgram(path, num_threads=threads)
 
 
 class _CalibrationReader:
@@ -238,10 +232,11 @@ def profile_onnx(path: str | Path, x: torch.Tensor, runs: int | None = None, qua
         entry[1] += float(event.get("dur", 0)) / 1000.0
     count = len(model_runs) or runs
     ops = _op_times(totals, count)
+    total_ms = (sum(float(e.get("dur", 0)) for e in model_runs) / 1000.0 / count if model_runs
+                else sum(o["total_ms"] for o in ops))
     notes = ["ops are ONNX Runtime kernels after its graph optimizations; int8 = an 8-bit input"]
     if quantized and not any(o["dtype"] == "int8" for o in ops):
         notes.append("no int8 kernel ran: ONNX Runtime did not fuse the Q/DQ pairs on this CPU")
     return {"status": "ok", "runtime": "onnxruntime", "source": "ONNX Runtime profiler (kernel time per node)",
-            "runs": count, "total_ms": sum(float(e.get("dur", 0)) for e in model_runs) / 1000.0 / count
-            if model_runs else sum(o["total_ms"] for o in ops), "quantized": quantized, "ops": ops,
+            "runs": count, "total_ms": total_ms, "quantized": quantized, "ops": ops,
             "not_delegated": None, "float_islands": float_islands_of(ops) if quantized else None, "notes": notes}

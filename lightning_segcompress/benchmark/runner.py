@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from torch import nn
 
 from lightning_segcompress.benchmark.accuracy import MAX_MIOU_GAP, EvalSet, compare_accuracy, predict_confusion
 from lightning_segcompress.benchmark.profile import profile_runtime
-from lightning_segcompress.benchmark.runtimes import canonical_name, get_runtime, runtime_names
+from lightning_segcompress.benchmark.runtimes import canonical_name, get_runtime, is_runtime, runtime_names
 from lightning_segcompress.benchmark.timing import measure_latency, num_threads
 from lightning_segcompress.memory import TiledInference, memory_report
 from lightning_segcompress.utils.inspection import (
@@ -54,7 +55,7 @@ class BenchmarkSettings:
 
     def __post_init__(self) -> None:
         known = runtime_names()
-        unknown = [r for r in self.runtimes if r not in known and not _is_alias(r)]
+        unknown = [r for r in self.runtimes if not is_runtime(r)]
         if unknown:
             raise ValueError(f"Unknown runtime(s) {unknown}; choose from {list(known)}.")
         if not self.runtimes:
@@ -257,7 +258,7 @@ def _check_and_time(runtime: str, program, info: dict, x, reference, settings, j
         _check_reproduces(runtime, other["max_abs_diff"], other["argmax_agreement"], quantized, settings,
                           f" at input {other['shape']}")
     if quantized and not job.quantized:
-        job = _Job(True, job.evaluation, job.eval_path, job.eager_confusion)
+        job = dataclasses.replace(job, quantized=True)
     dtype = info.get("delegate_dtype")
     confusion = None
     if settings.isolate:
@@ -328,10 +329,3 @@ def _error(err: BaseException) -> dict:
     text = str(err).strip()
     return {"type": type(err).__name__, "message": text.splitlines()[0][:500] if text else ""}
 
-
-def _is_alias(name: str) -> bool:
-    try:
-        canonical_name(name)
-    except ValueError:
-        return False
-    return True

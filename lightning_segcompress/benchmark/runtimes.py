@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Runtime", "canonical_name", "export_and_load", "file_runtimes", "get_runtime", "register_runtime",
-           "runtime_for_file", "runtime_names"]
+__all__ = ["Runtime", "canonical_name", "export_and_load", "file_runtimes", "get_runtime", "is_runtime",
+           "register_runtime", "runtime_for_file", "runtime_names"]
 
 
 def _always() -> tuple[bool, str]:
@@ -90,6 +90,11 @@ def get_runtime(name: str) -> Runtime:
 
 def canonical_name(name: str) -> str:
     return get_runtime(name).name
+
+
+def is_runtime(name: str) -> bool:
+    """Whether ``name`` is a registered runtime or one of their aliases."""
+    return name in _ALIASES
 
 
 def runtime_names() -> tuple[str, ...]:

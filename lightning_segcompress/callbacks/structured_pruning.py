@@ -454,15 +454,15 @@ class StructuredPruning(CompressionCallback):
 
         run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, current),
                              bn_batches=self.bn_batches)
-        kept = [c for c in self.budget.checks if c["within_budget"]]
+        kept = self.budget.kept_fraction()
         self.records.append({"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                              "undone": True, "miou_drop_points": check["drop_points"],
-                             "achieved_fraction": kept[-1]["achieved_fraction"] if kept else 0.0})
+                             "achieved_fraction": kept})
         more = (f"; the next step aims at {self.budget.target_fraction(self.schedule.amount):.3f}"
                 if self.budget.backoff and step < self.schedule.steps else "")
         rank_zero_info(f"StructuredPruning: step {step} cost {check['drop_points']:.2f} mIoU points after "
                        f"fine-tuning (max_miou_drop {self.max_miou_drop}); undone. The fit keeps "
-                       f"{kept[-1]['achieved_fraction'] if kept else 0.0:.3f} of {self.target} removed{more}.")
+                       f"{kept:.3f} of {self.target} removed{more}.")
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
                 example: torch.Tensor, step: int, fraction: float) -> dict:

@@ -72,9 +72,14 @@ class MiouBudget:
                 self.stopped_at_step = step
         return within
 
-    def kept_fraction(self) -> float:
+    def _last_kept(self) -> dict | None:
         kept = [c for c in self.checks if c["within_budget"]]
-        return kept[-1]["achieved_fraction"] if kept else 0.0
+        return kept[-1] if kept else None
+
+    def kept_fraction(self) -> float:
+        """The achieved fraction of the last step that stayed within the budget (0 without one)."""
+        last = self._last_kept()
+        return last["achieved_fraction"] if last else 0.0
 
     def target_fraction(self, scheduled: float) -> float:
         """The fraction the next step aims at: the schedule's until a step failed, then halfway between what is kept
@@ -88,9 +93,9 @@ class MiouBudget:
         return self.stopped_at_step is not None
 
     def summary(self) -> dict:
-        kept = [c for c in self.checks if c["within_budget"]]
-        return {**asdict(self), "achieved_fraction": kept[-1]["achieved_fraction"] if kept else 0.0,
-                "final_drop_points": kept[-1]["drop_points"] if kept else 0.0,
+        last = self._last_kept()
+        return {**asdict(self), "achieved_fraction": self.kept_fraction(),
+                "final_drop_points": last["drop_points"] if last else 0.0,
                 "undone_steps": [c["step"] for c in self.checks if not c["within_budget"]]}
 
     @classmethod
