@@ -49,6 +49,13 @@ Rows (``--rows`` takes the ids in brackets):
   [kd_kl]     prune + BN + KD pixel KL          + KnowledgeDistillation from the unpruned converged network
   [kd_cwd]    prune + BN + KD CWD               (teacher "snapshot" before compression), pixel KL / CWD
   [rewind_kd] prune + BN + KD CWD + LR rewind   both: KD CWD, fine-tuned with the baseline's peak lr
+  [rewind_taylor] prune (Taylor) + BN + fine-tune + LR rewind
+                                                ``rewind`` with importance="taylor" (first-order Taylor,
+                                                Molchanov et al. 2019: gradients of 8 training batches) for L2
+  [rewind_iter] prune iteratively (3 steps) + BN + fine-tune + LR rewind
+                                                ``rewind`` with the 50 % removed in 3 linear steps at the starts
+                                                of epochs 0, 1, 2 (BN re-estimated after each), fine-tuning in
+                                                between, one peak-lr decay over the R epochs
   [post]      PostPruning, no BN re-estimation  StructuredPruning(bn_batches=0) + PostPruning(max_miou_drop=0.5,
   [post_bn]   PostPruning + BN re-estimation    eval_batches=8, bn_batches=0 / 8) (StructuredPruning default
                                                 bn_batches), R epochs
@@ -143,6 +150,8 @@ ROWS = {  # id: table name
     "kd_kl": "prune + BN + KD pixel KL",
     "kd_cwd": "prune + BN + KD CWD",
     "rewind_kd": "prune + BN + KD CWD + LR rewind",
+    "rewind_taylor": "prune (Taylor) + BN + fine-tune + LR rewind",
+    "rewind_iter": "prune iteratively (3 steps) + BN + fine-tune + LR rewind",
     "post": "PostPruning, no BN re-estimation",
     "post_bn": "PostPruning + BN re-estimation",
     "budget": "budget 1 point",
@@ -150,9 +159,14 @@ ROWS = {  # id: table name
 }
 NO_TRAINING = ("prune", "prune_bn")  # rows evaluated without any fine-tuning
 PRUNING = [r for r in ROWS if r != "control"]  # rows compared with as_left too
-INT8_BASES = ("as_left", "bn_ft", "rewind", "kd_kl", "kd_cwd", "rewind_kd", "post", "post_bn")  # fine-tuning rows
+INT8_BASES = ("as_left", "bn_ft", "rewind", "kd_kl", "kd_cwd", "rewind_kd", "rewind_taylor", "rewind_iter", "post",
+              "post_bn")  # fine-tuning rows
 KD_LOSSES = {"kd_kl": {"pixel_kl": {}}, "kd_cwd": {"cwd": {}}, "rewind_kd": {"cwd": {}}}
-PEAK_LR_ROWS = ("rewind", "rewind_kd")  # fine-tuned at the baseline's peak lr (LR rewinding, after training)
+PEAK_LR_ROWS = ("rewind", "rewind_kd", "rewind_taylor", "rewind_iter")
+PRUNING_OVERRIDES = {  # rows that prune differently from the default (L2, one step at epoch 0)
+    "rewind_taylor": {"importance": "taylor"},
+    "rewind_iter": {"schedule": "linear", "steps": 3, "start_epoch": 0, "end_epoch": 3},
+}  # fine-tuned at the baseline's peak lr (LR rewinding, after training)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -364,8 +378,8 @@ def row_callbacks(args, row: str, recovery: int, base: str | None = None) -> tup
         return [], lr
     if row == "as_left":
         return [pruning(args, bn_batches=0)], lr
-    if row in ("bn_ft", "rewind"):
-        return [pruning(args)], lr
+    if row in ("bn_ft", "rewind", *PRUNING_OVERRIDES):
+        return [pruning(args, **PRUNING_OVERRIDES.get(row, {}))], lr
     if row in KD_LOSSES:
         return [pruning(args), KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression",
                                                      losses=KD_LOSSES[row])], lr
@@ -385,6 +399,8 @@ def row_callbacks(args, row: str, recovery: int, base: str | None = None) -> tup
 def run_key(args, baseline: dict, row: str, seed: int, base: str | None) -> dict:
     key = {"kind": "run", "version": CACHE_VERSION, "baseline": baseline["hash"], "row": row, "amount": AMOUNT,
            "importance": "l2"}
+    if row in PRUNING_OVERRIDES:
+        key.update(PRUNING_OVERRIDES[row])
     if row == "prune":
         return key  # deterministic given the baseline
     key["seed"] = seed
@@ -753,7 +769,7 @@ def report(args, results: dict, session: dict, quiet: bool = False) -> None:
 
 COMPARISONS = [  # (row, reference): what one recovery option adds, paired by sample
     ("prune_bn", "prune"), ("bn_ft", "as_left"), ("rewind", "bn_ft"), ("kd_kl", "bn_ft"), ("kd_cwd", "bn_ft"),
-    ("rewind_kd", "rewind"), ("post_bn", "post")]
+    ("rewind_kd", "rewind"), ("rewind_taylor", "rewind"), ("rewind_iter", "rewind"), ("post_bn", "post")]
 
 
 def comparison_lines(rows: dict) -> list[str]:

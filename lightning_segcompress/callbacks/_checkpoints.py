@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from lightning_segcompress.compression_state import restore_from_checkpoint
+from lightning_segcompress.state import restore_from_checkpoint
 
 
 def install_checkpoint_restore(pl_module: pl.LightningModule) -> None:

@@ -31,7 +31,6 @@ from lightning_segcompress.benchmark.compression_report import (
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
 from lightning_segcompress.callbacks._validation import labelled_validation_batches
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
-from lightning_segcompress.compression_state import get_stages
 from lightning_segcompress.export.bundle import (
     RUNTIME_SUFFIXES,
     bundle_from_report,
@@ -40,6 +39,7 @@ from lightning_segcompress.export.bundle import (
     write_bundle,
 )
 from lightning_segcompress.quantization.quantize import quantization_stage
+from lightning_segcompress.state import get_stages
 from lightning_segcompress.utils.inspection import has_int8_modules
 from lightning_segcompress.utils.shapes import input_shape
 from lightning_segcompress.utils.statistics import miou_from_confusion, per_image_confusion

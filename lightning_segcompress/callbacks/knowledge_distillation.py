@@ -19,7 +19,6 @@ from lightning_segcompress.callbacks._training import (
     remove_loss_term,
 )
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
-from lightning_segcompress.compression_state import load_network_weights
 from lightning_segcompress.distillation import (
     DistillationError,
     Distiller,
@@ -33,6 +32,7 @@ from lightning_segcompress.distillation import (
 from lightning_segcompress.distillation.distiller import FEATURE_LOSSES, connector_channels
 from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.models.segmentation_module import SegmentationModule
+from lightning_segcompress.state import load_network_weights
 from lightning_segcompress.utils.batch import batch_labels
 from lightning_segcompress.utils.checkpoint_io import read_checkpoint
 from lightning_segcompress.utils.inspection import (

@@ -13,7 +13,6 @@ from lightning_segcompress.callbacks._batchnorm import checked_bn_batches
 from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._ddp import broadcast_from_rank_zero
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent, run_compression_step
-from lightning_segcompress.compression_state import network_path, replace_network, write_to_checkpoint
 from lightning_segcompress.quantization import (
     QuantizationConfig,
     calibrate,
@@ -25,6 +24,7 @@ from lightning_segcompress.quantization import (
     resolve_keep_float,
 )
 from lightning_segcompress.quantization.quantize import KIND
+from lightning_segcompress.state import network_path, replace_network, write_to_checkpoint
 from lightning_segcompress.utils.batch import split_batch
 from lightning_segcompress.utils.shapes import checked_input_size
 

@@ -26,7 +26,6 @@ from lightning_segcompress.callbacks.protocol import (
     CompressionEvent,
     run_compression_step,
 )
-from lightning_segcompress.compression_state import write_to_checkpoint
 from lightning_segcompress.shunt import (
     VARIANTS,
     Block,
@@ -44,6 +43,7 @@ from lightning_segcompress.shunt import (
     splice,
 )
 from lightning_segcompress.shunt.surgery import STAGE_KIND, modules_before, restored_on_failure
+from lightning_segcompress.state import write_to_checkpoint
 from lightning_segcompress.utils.inspection import count_macs, count_params, example_input
 from lightning_segcompress.utils.precision import autocast_disabled, follow
 from lightning_segcompress.utils.shapes import checked_input_size

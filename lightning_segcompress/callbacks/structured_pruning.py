@@ -22,7 +22,6 @@ from lightning_segcompress.callbacks.protocol import (
     filter_plan,
     run_compression_step,
 )
-from lightning_segcompress.compression_state import write_to_checkpoint
 from lightning_segcompress.pruning import (
     IMPORTANCE_NAMES,
     PruningConfig,
@@ -46,6 +45,7 @@ from lightning_segcompress.pruning.latency_model import (
     check_runtime,
 )
 from lightning_segcompress.pruning.search import TARGETS, check_supported
+from lightning_segcompress.state import write_to_checkpoint
 from lightning_segcompress.utils.inspection import (
     example_input,
     find_classifier_layers,

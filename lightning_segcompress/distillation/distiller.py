@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import apply_stages, get_stages
 from lightning_segcompress.distillation.capture import DistillationError, ForwardCapture
 from lightning_segcompress.distillation.losses import DEFAULTS, LOSSES, feature_hint, make_connector
+from lightning_segcompress.state import apply_stages, get_stages
 from lightning_segcompress.utils.inspection import extract_logits, frozen_copy
 from lightning_segcompress.utils.precision import autocast_disabled, floating_dtype
 

@@ -136,7 +136,7 @@ def network_to_export(network: nn.Module) -> tuple[nn.Module, dict]:
                              "converted_here": not stage["converted"]}}
     if stage["converted"]:
         return network, info
-    from lightning_segcompress.compression_state import carry_stages
+    from lightning_segcompress.state import carry_stages
 
     prepared = copy.deepcopy(network).cpu().eval()
     carry_stages(network, prepared)  # a GraphModule's deep copy drops the instance attribute holding the stages
@@ -226,7 +226,7 @@ def bundle_from_report(
     :class:`ExportError` if the report's entry for ``runtime`` is not ok."""
     from lightning_segcompress.benchmark.runner import LogitsOnly, is_int8
     from lightning_segcompress.benchmark.runtimes import get_runtime
-    from lightning_segcompress.compression_state import get_stages
+    from lightning_segcompress.state import get_stages
 
     output = check_output_path(runtime, output)
     runtime = get_runtime(runtime).name

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from lightning_segcompress.compression_state import (
+from lightning_segcompress.models.factory import build_network
+from lightning_segcompress.state import (
     load_network_weights,
     restore_from_checkpoint,
     write_to_checkpoint,
 )
-from lightning_segcompress.models.factory import build_network
 from lightning_segcompress.utils.batch import split_batch
 from lightning_segcompress.utils.checkpoint_io import CheckpointError
 from lightning_segcompress.utils.inspection import extract_logits

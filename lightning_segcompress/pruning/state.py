@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import get_stages, set_stage
 from lightning_segcompress.pruning.graph import History, PruningError, replay_history
+from lightning_segcompress.state import get_stages, set_stage
 from lightning_segcompress.utils.inspection import example_input
 
 KIND = "structured_pruning"

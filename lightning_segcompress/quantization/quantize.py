@@ -10,14 +10,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import (
+from lightning_segcompress.quantization import fx_backend, pt2e_backend
+from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
+from lightning_segcompress.state import (
     CHECKPOINT_STATE_ATTRIBUTE,
     carry_stages,
     get_stages,
     set_stage,
 )
-from lightning_segcompress.quantization import fx_backend, pt2e_backend
-from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
 from lightning_segcompress.utils.inspection import example_input
 from lightning_segcompress.utils.precision import autocast_active, autocast_disabled, floating_dtype
 

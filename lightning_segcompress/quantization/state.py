@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_segcompress.compression_state import AFTER_LOAD_ATTRIBUTE
 from lightning_segcompress.quantization.config import QuantizationConfig, QuantizationError
 from lightning_segcompress.quantization.pt2e_backend import shape_observers
 from lightning_segcompress.quantization.quantize import convert_network, prepare_network, tracing_example
+from lightning_segcompress.state import AFTER_LOAD_ATTRIBUTE
 
 
 def apply_stage(network: nn.Module, stage: dict, applied: dict | None) -> nn.Module | None:

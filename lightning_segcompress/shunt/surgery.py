@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import get_stages, set_stage
 from lightning_segcompress.shunt.architecture import Shunt, downsamples_between, shunt_config
 from lightning_segcompress.shunt.blocks import Block, ShuntError
+from lightning_segcompress.state import get_stages, set_stage
 from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, forward_with_hooks
 
 STAGE_KIND = "shunt"

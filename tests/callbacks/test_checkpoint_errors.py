@@ -7,8 +7,8 @@ from torch import nn
 
 from lightning_segcompress import SegmentationModule, load_compressed
 from lightning_segcompress.callbacks import KnowledgeDistillation
-from lightning_segcompress.compression_state import load_network_weights
 from lightning_segcompress.models import build_network
+from lightning_segcompress.state import load_network_weights
 from lightning_segcompress.utils.checkpoint_io import CheckpointError, read_checkpoint
 from support.common import SMP_UNET
 

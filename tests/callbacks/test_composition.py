@@ -25,7 +25,7 @@ from lightning_segcompress.callbacks import (
     StructuredPruning,
 )
 from lightning_segcompress.callbacks.protocol import CompressionCallback
-from lightning_segcompress.compression_state import get_stages, load_network_weights
+from lightning_segcompress.state import get_stages, load_network_weights
 from lightning_segcompress.utils.liveness import live_networks
 from support.common import SCRIPTS, subprocess_env, trainer_kwargs
 from support.user_module import TinySegNet, UserSegmenter, loaders

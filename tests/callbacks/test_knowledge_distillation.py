@@ -10,7 +10,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule
 from lightning_segcompress.callbacks import KnowledgeDistillation, StructuredPruning
-from lightning_segcompress.compression_state import write_to_checkpoint
 from lightning_segcompress.distillation import DistillationError, Distiller
 from lightning_segcompress.models import build_network
 from lightning_segcompress.pruning import (
@@ -22,6 +21,7 @@ from lightning_segcompress.pruning import (
     prune_with_history,
     pruning_history,
 )
+from lightning_segcompress.state import write_to_checkpoint
 from lightning_segcompress.utils.inspection import example_input, find_classifier_layers
 from support.common import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, trainer_kwargs
 

@@ -20,7 +20,6 @@ from lightning_segcompress.callbacks import (
     SparsityRegularization,
     StructuredPruning,
 )
-from lightning_segcompress.compression_state import get_stages
 from lightning_segcompress.distillation import Distiller
 from lightning_segcompress.quantization import (
     QuantizationConfig,
@@ -30,6 +29,7 @@ from lightning_segcompress.quantization import (
     quantization_stage,
 )
 from lightning_segcompress.quantization.quantize import is_cpu_pinned
+from lightning_segcompress.state import get_stages
 from support.common import REPO, SMP_DEEPLAB, smoke_override, trainer_kwargs
 from support.user_module import TinySegNet, UserSegmenter, loaders
 

@@ -19,9 +19,9 @@ from lightning_segcompress.callbacks import (
     QuantizationAwareTraining,
     StructuredPruning,
 )
-from lightning_segcompress.compression_state import write_to_checkpoint
 from lightning_segcompress.models import build_network
 from lightning_segcompress.quantization import QuantizationError, quantization_stage
+from lightning_segcompress.state import write_to_checkpoint
 from lightning_segcompress.utils.inspection import has_int8_modules
 from support.common import SMP_UNET, TV_LRASPP, subprocess_env, trainer_kwargs
 

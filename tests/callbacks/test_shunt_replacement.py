@@ -13,9 +13,9 @@ from torch import nn
 from lightning_segcompress import SegmentationModule, SyntheticScenesDataModule
 from lightning_segcompress.callbacks import DeviceBenchmark, KnowledgeDistillation, ShuntReplacement
 from lightning_segcompress.callbacks.protocol import CompressionCallback
-from lightning_segcompress.compression_state import get_stages
 from lightning_segcompress.models import build_network
 from lightning_segcompress.shunt import Shunt, ShuntError
+from lightning_segcompress.state import get_stages
 from support.common import SMP_DEEPLAB, SMP_UNET, TV_LRASPP, trainer_kwargs
 
 SPLICED = "encoder.model.blocks.2.1"
@@ -223,7 +223,7 @@ def test_auto_range_from_yaml_through_segcompress(tmp_path):
 
 
 def test_shunt_cli_prints_block_map_and_choice(tmp_path, capsys):
-    from lightning_segcompress.shunt_cli import main
+    from lightning_segcompress.cli.shunt import main
 
     main(["--network", yaml.safe_dump(TV_LRASPP), "--num_classes=3", "--batches=1", "--target={params: 0.2}",
           "--data", yaml.safe_dump({"class_path": "lightning_segcompress.SyntheticScenesDataModule",

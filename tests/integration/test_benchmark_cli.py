@@ -4,7 +4,7 @@ import pytest
 import pytorch_lightning as pl
 
 from lightning_segcompress import SegmentationModule
-from lightning_segcompress.benchmark_cli import benchmark, main
+from lightning_segcompress.cli.benchmark import benchmark, main
 from support.common import SMP_UNET, trainer_kwargs
 
 SMALL_UNET = {"class_path": "segmentation_models_pytorch.Unet",

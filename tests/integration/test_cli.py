@@ -133,7 +133,7 @@ def test_tools_share_one_vocabulary():
 
 
 def test_tool_arguments_input_size_as_words_and_old_names():
-    from lightning_segcompress.cli_tools import normalize_args
+    from lightning_segcompress.cli.tools import normalize_args
 
     assert normalize_args(["--input_size", "64", "96", "--runs=2"]) == ["--input_size=[64,96]", "--runs=2"]
     with pytest.warns(FutureWarning, match="--checkpoint is renamed --ckpt"):
@@ -141,7 +141,7 @@ def test_tool_arguments_input_size_as_words_and_old_names():
 
 
 def test_old_script_names_are_aliases(tmp_path, capsys):
-    from lightning_segcompress.memory_cli import main as memory_alias
+    from lightning_segcompress.cli.memory import main as memory_alias
 
     memory_alias(["--recipe=recipes/quickstart.yaml", "--input_size", "32", "32", "--measure=false"])
     alias_out = capsys.readouterr().out

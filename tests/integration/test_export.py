@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from lightning_segcompress.cli.export import export, main
 from lightning_segcompress.export import ExportError, write_bundle
-from lightning_segcompress.export_cli import export, main
 from support.common import REPO
 
 EXAMPLE = REPO / "examples" / "segment_image.py"
@@ -133,9 +133,9 @@ def _ptq_checkpoint(tmp_path):
 
 
 def test_a_quantization_prepared_checkpoint_exports_int8_without_touching_the_loaded_network(tmp_path, example):
-    from lightning_segcompress.compression_state import carry_stages
-    from lightning_segcompress.loading import load_network
+    from lightning_segcompress.models.loading import load_network
     from lightning_segcompress.quantization import convert_network, quantization_stage
+    from lightning_segcompress.state import carry_stages
     from lightning_segcompress.utils.inspection import has_int8_modules
 
     network = load_network(ckpt=str(_ptq_checkpoint(tmp_path))).eval()
@@ -185,7 +185,7 @@ def test_a_failed_output_check_raises_and_writes_nothing(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom lightning_segcompress.export_cli import main\ntry:\n    main(['--help'])\n"
+    code = ("import sys\nfrom lightning_segcompress.cli.export import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
             "assert 'pytorch_lightning' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lightning_segcompress.export_cli import export
+from lightning_segcompress.cli.export import export
 from support import user_module
 from support.common import REPO, trainer_kwargs
 

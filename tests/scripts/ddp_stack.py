@@ -40,8 +40,8 @@ from lightning_segcompress.callbacks import (  # noqa: E402
     SparsityRegularization,
     StructuredPruning,
 )
-from lightning_segcompress.compression_state import get_stages  # noqa: E402
 from lightning_segcompress.pruning import pruning_history  # noqa: E402
+from lightning_segcompress.state import get_stages  # noqa: E402
 from support.ddp import RankSeed, checksum, write_rank_result  # noqa: E402
 from support.user_module import UserSegmenter, loaders  # noqa: E402
 

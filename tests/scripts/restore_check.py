@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from lightning_segcompress.benchmark.compression_report import conv_widths  # noqa: E402
-from lightning_segcompress.compression_state import get_stages, load_network_weights  # noqa: E402
+from lightning_segcompress.state import get_stages, load_network_weights  # noqa: E402
 from support.user_module import TinySegNet  # noqa: E402
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_segcompress.cli.memory import main as memory_main
 from lightning_segcompress.memory import (
     Buffer,
     TracingError,
@@ -16,7 +17,6 @@ from lightning_segcompress.memory import (
     overlapping_pairs,
     plan_greedy_by_size,
 )
-from lightning_segcompress.memory_cli import main as memory_main
 from lightning_segcompress.models import build_network
 from support.common import SMP_DEEPLAB
 

@@ -127,7 +127,7 @@ def test_weights_start_the_network_from_a_pruned_checkpoint(tmp_path):
                      PruningConfig())
     prune_with_history(trained.net, plan.history, x)
     checkpoint = {"state_dict": trained.state_dict()}
-    from lightning_segcompress.compression_state import write_to_checkpoint
+    from lightning_segcompress.state import write_to_checkpoint
 
     write_to_checkpoint(checkpoint, trained, "net")
     torch.save(checkpoint, tmp_path / "pruned.ckpt")

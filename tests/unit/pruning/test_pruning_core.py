@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from lightning_segcompress import load_compressed
-from lightning_segcompress.compression_state import write_to_checkpoint
 from lightning_segcompress.models import build_network
 from lightning_segcompress.pruning import (
     PruningConfig,
@@ -24,6 +23,7 @@ from lightning_segcompress.pruning import (
 from lightning_segcompress.pruning.floors import floor_width, layer_floors, protect_floors
 from lightning_segcompress.pruning.graph import build_graph
 from lightning_segcompress.pruning.importance import compute_group_scores
+from lightning_segcompress.state import write_to_checkpoint
 from lightning_segcompress.utils.inspection import example_input, find_classifier_layers, output_tensors
 from support.common import SMP_DEEPLAB, SMP_UNET, TV_LRASPP
 

@@ -8,7 +8,6 @@ from torch import nn
 from lightning_segcompress import load_compressed
 from lightning_segcompress.benchmark.executorch_runtime import executorch_available, export_executorch
 from lightning_segcompress.benchmark.torchscript_lite import export_torchscript_lite, load_lite
-from lightning_segcompress.compression_state import get_stages, write_to_checkpoint
 from lightning_segcompress.models import build_network
 from lightning_segcompress.quantization import (
     QuantizationConfig,
@@ -21,6 +20,7 @@ from lightning_segcompress.quantization import (
     quantization_stage,
 )
 from lightning_segcompress.quantization.fx_backend import dilated_depthwise_convs
+from lightning_segcompress.state import get_stages, write_to_checkpoint
 from lightning_segcompress.utils.inspection import extract_logits, has_int8_modules
 from support.common import SMP_DEEPLAB, SMP_UNET, TV_LRASPP
 

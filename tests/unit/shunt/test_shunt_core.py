@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_segcompress.compression_state import get_stages, restore_from_checkpoint
 from lightning_segcompress.models import build_network
 from lightning_segcompress.shunt import (
     Shunt,
@@ -16,6 +15,7 @@ from lightning_segcompress.shunt import (
     splice,
 )
 from lightning_segcompress.shunt.surgery import modules_before
+from lightning_segcompress.state import get_stages, restore_from_checkpoint
 from lightning_segcompress.utils import count_params
 from support.common import SMP_DEEPLAB, SMP_UNET, TV_LRASPP
 

@@ -75,7 +75,7 @@ class SegCompressCLI(LightningCLI):
         super().instantiate_classes()
         weights = self._get(self.config, "weights")
         if weights:
-            from lightning_segcompress.compression_state import load_weights
+            from lightning_segcompress.state import load_weights
 
             load_weights(self.model, weights, self._get(self.config, "network_attribute"))
             rank_zero_info(f"segcompress: {type(self.model).__name__} starts from the weights in {weights}")

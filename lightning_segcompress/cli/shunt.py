@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_segcompress.loading import load_network, load_validation_batches
+from lightning_segcompress.models.loading import load_network, load_validation_batches
 
 SYNTHETIC = "lightning_segcompress.SyntheticScenesDataModule"
 

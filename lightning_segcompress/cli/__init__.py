@@ -15,13 +15,13 @@ from collections.abc import Sequence
 
 # tool -> (module, function, one line)
 TOOLS = {
-    "benchmark": ("lightning_segcompress.benchmark_cli", "benchmark",
+    "benchmark": ("lightning_segcompress.cli.benchmark", "benchmark",
                   "latency, size, memory and accuracy of a model on eager / TorchScript lite / ExecuTorch"),
-    "memory": ("lightning_segcompress.memory_cli", "memory",
+    "memory": ("lightning_segcompress.cli.memory", "memory",
                "where activation memory goes, what planning and tiled inference save"),
-    "shunt": ("lightning_segcompress.shunt_cli", "shunt_report",
+    "shunt": ("lightning_segcompress.cli.shunt", "shunt_report",
               "MobileNetV3 block map, knowledge quotients and the range a shunt would replace"),
-    "export": ("lightning_segcompress.export_cli", "export",
+    "export": ("lightning_segcompress.cli.export", "export",
                "write the file to ship (.pte / .ptl) and model.json; int8 for a quantized checkpoint"),
 }
 LIGHTNING = {
@@ -46,7 +46,7 @@ def usage() -> str:
 
 def tool_main(name: str, args: Sequence[str] | None = None):
     """Run the tool ``name`` on ``args`` (the old ``segcompress-<tool>`` scripts call this too)."""
-    from lightning_segcompress.cli_tools import run_tool
+    from lightning_segcompress.cli.tools import run_tool
 
     module, function, _ = TOOLS[name]
     return run_tool(getattr(importlib.import_module(module), function), args, prog=f"segcompress {name}")
@@ -67,7 +67,7 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv[0] in TOOLS:
         tool_main(argv[0], argv[1:])
         return
-    from lightning_segcompress.lightning_cli import SegCompressCLI
+    from lightning_segcompress.cli.lightning_cli import SegCompressCLI
 
     SegCompressCLI(args=argv if args is not None else None)
 
@@ -75,7 +75,7 @@ def main(args: Sequence[str] | None = None) -> None:
 def __getattr__(name: str):
     # SegCompressCLI / format_fit_summary live in lightning_cli (imports Lightning); kept importable from here
     if name in ("SegCompressCLI", "format_fit_summary"):
-        return getattr(importlib.import_module("lightning_segcompress.lightning_cli"), name)
+        return getattr(importlib.import_module("lightning_segcompress.cli.lightning_cli"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

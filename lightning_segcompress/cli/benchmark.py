@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_segcompress.loading import load_network
+from lightning_segcompress.models.loading import load_network
 
 
 def benchmark(

@@ -113,7 +113,7 @@ def export(
         available, reason = get_runtime("onnxruntime").available()
         if not available:
             raise ImportError(f"--runtime onnx needs the [onnx] extra: {reason}")
-    from lightning_segcompress.loading import load_network
+    from lightning_segcompress.models.loading import load_network
 
     model = load_network(ckpt=ckpt, network=network, recipe=recipe, model_class=model_class,
                          num_classes=num_classes, network_attribute=network_attribute).eval()
@@ -125,7 +125,7 @@ def export(
         evaluation, normalization, data_class_names = _from_data(data, eval_batches, input_size, batch_size)
     export_options = {"opset": opset, "dynamic": dynamic} if onnx else {}
     if quantize:
-        from lightning_segcompress.loading import load_training_images
+        from lightning_segcompress.models.loading import load_training_images
 
         export_options["calibration"] = load_training_images(data, calibration_batches, input_size, batch_size)
     metadata = write_bundle(model, runtime, input_size, output_path, batch_size=batch_size,
@@ -177,7 +177,7 @@ def _from_data(spec: dict[str, Any], eval_batches: int, input_size: Sequence[int
     class names (None where it has none)."""
     from lightning_segcompress.benchmark.accuracy import EvalSet
     from lightning_segcompress.export.bundle import data_normalization
-    from lightning_segcompress.loading import load_validation_batches
+    from lightning_segcompress.models.loading import load_validation_batches
     from lightning_segcompress.utils.shapes import input_shape
 
     datamodule, batches = load_validation_batches(spec, eval_batches)
@@ -189,7 +189,7 @@ def _from_data(spec: dict[str, Any], eval_batches: int, input_size: Sequence[int
 
 def main(args: list[str] | None = None):
     """``segcompress export``."""
-    from lightning_segcompress.cli_tools import run_tool
+    from lightning_segcompress.cli.tools import run_tool
 
     return run_tool(export, args, prog="segcompress export")
 

@@ -10,13 +10,13 @@ restores with ``torch.load(weights_only=True)`` and never pickles a module. Pure
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 from collections import OrderedDict
 from typing import Any
 
 from torch import nn
 
+from lightning_segcompress.state.registry import stage_applier
 from lightning_segcompress.utils.checkpoint_io import CheckpointError, read_checkpoint, state_dict_mismatch
 from lightning_segcompress.utils.inspection import find_network
 
@@ -28,13 +28,6 @@ CHECKPOINT_STATE_ATTRIBUTE = "_segcompress_checkpoint_state"
 AFTER_LOAD_ATTRIBUTE = "_segcompress_after_load"
 CHECKPOINT_KEY = "segcompress"
 FORMAT_VERSION = 1
-# stage kind -> "module:function(network, stage, applied_stage_or_None)" that brings the network to ``stage``;
-# it changes the network in place (returns None) or returns the network that replaces it (e.g. a traced,
-# quantization-prepared GraphModule)
-_APPLIERS = {"structured_pruning": "lightning_segcompress.pruning.state:apply_stage",
-             "quantization": "lightning_segcompress.quantization.state:apply_stage",
-             "shunt": "lightning_segcompress.shunt.surgery:apply_stage"}
-
 
 def get_stages(network: nn.Module) -> list[dict]:
     """The stages applied to ``network`` so far (a copy)."""
@@ -65,15 +58,12 @@ def apply_stages(network: nn.Module, stages: list[dict]) -> nn.Module:
     applied = getattr(network, STAGES_ATTRIBUTE, [])
     for index, stage in enumerate(stages):
         kind = stage.get("kind")
-        if kind not in _APPLIERS:
-            raise ValueError(f"The checkpoint has a compression stage of unknown kind {kind!r}; it was written by "
-                             f"a newer lightning-segcompress (known: {sorted(_APPLIERS)}).")
+        applier = stage_applier(kind)
         current = applied[index] if index < len(applied) else None
         if current is not None and current["kind"] != kind:
             raise ValueError(f"The network already went through {current['kind']!r} as stage {index}, but the "
                              f"checkpoint expects {kind!r}: load it into a freshly built network.")
-        module_name, _, function = _APPLIERS[kind].partition(":")
-        replacement = getattr(importlib.import_module(module_name), function)(network, stage, current)
+        replacement = applier(network, stage, current)
         if replacement is not None:  # the applier recorded the stage history on the replacement
             network = replacement
     return network
