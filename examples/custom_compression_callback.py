@@ -22,7 +22,9 @@ class ProtectLayers(CompressionCallback):
         self.layers = list(layers)
         self.removed: list[int] = []  # channels removed per step
 
-    def filter_pruning_plan(self, trainer, pl_module, event):
+    def filter_plan(self, trainer, pl_module, event):
+        if event.kind != "structured_pruning":
+            return event.plan
         # event.plan: the groups the step would cut, [root layer, is output channels, [indices]]
         return [group for group in event.plan if group[0] not in self.layers]
 

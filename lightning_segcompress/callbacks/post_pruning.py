@@ -26,7 +26,7 @@ class PostPruning(CompressionCallback):
     Wei Liu 2021's post-pruning, itself after reduced-error pruning of decision trees). The step then removes only
     the cheap groups, once; training fine-tunes what was kept.
 
-    This is a plan filter of the compression protocol (``filter_pruning_plan``): it runs on global rank 0 while the
+    This is a plan filter of the compression protocol (``filter_plan``): it runs on global rank 0 while the
     step is planned, tries each group on the network itself and rolls it back (no copy of the network), and the
     kept plan is broadcast to every DDP rank. Each group is scored on the same ``eval_batches`` validation batches
     (the first ones, eval mode: deterministic). What was kept and undone is logged (``post_pruning/undone_groups``,
@@ -80,9 +80,8 @@ class PostPruning(CompressionCallback):
             raise PruningError("PostPruning scores pruned groups on validation batches with labels, but the fit has "
                                "none; give the trainer validation data (limit_val_batches > 0).")
 
-    def filter_pruning_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                            event: CompressionEvent) -> History:
-        if not event.plan or self._evaluate is None:
+    def filter_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent) -> History:
+        if event.kind != "structured_pruning" or not event.plan or self._evaluate is None:
             return event.plan
         example = example_input(event.network, size=tuple(self.input_size))
         def reestimate(network):  # rank 0 alone: no collective

@@ -4,9 +4,10 @@ A *producer* changes the network's architecture (:class:`StructuredPruning`, :cl
 :class:`ShuntReplacement`). Around each of its steps it hands one :class:`CompressionEvent` to every
 :class:`CompressionCallback` in ``trainer.callbacks``, in this order:
 
-1. ``filter_pruning_plan`` (structured pruning only, on global rank 0, before anything changes): each filter gets the
-   proposed groups in ``event.plan`` and returns the ones to apply (e.g. :class:`PostPruning` drops the groups that
-   cost too much mIoU). Filters may try things on ``event.network`` but must leave it exactly as they found it.
+1. ``filter_plan`` (producers that plan, e.g. structured pruning; on global rank 0, before anything changes): each
+   filter gets the proposed plan in ``event.plan`` and returns the part to apply (e.g. :class:`PostPruning` drops the
+   pruning groups that cost too much mIoU). Filters may try things on ``event.network`` but must leave it exactly as
+   they found it.
 2. ``on_before_compression`` (every rank): the network is still as before. ``event.snapshot()`` returns a frozen
    copy of it, made once on first request and shared by every observer; the producer drops its reference after
    the step, so it lives on only where an observer keeps it (e.g. as a distillation teacher).
@@ -24,6 +25,11 @@ is built so that the order does not change the outcome.
 
 A compression callback's state in checkpoints lives under a stable key (its class name), so a resumed fit with
 changed hyperparameters keeps the progress and warns about what changed.
+
+A producer subclasses :class:`CompressionProducer`: it declares its stage ``kind`` and the ``stage_applier`` that
+replays a recorded stage on a fresh network (registered in :mod:`lightning_segcompress.state.registry`, open to any
+package); the base class installs the checkpoint restore, writes the stages into checkpoints and runs its steps
+through :func:`run_compression_step`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -41,8 +47,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_segcompress.callbacks._batchnorm import reestimate_statistics
+from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._ddp import rewrap_ddp
 from lightning_segcompress.callbacks._training import rebuild_optimizers
+from lightning_segcompress.state import register_stage_applier, set_stage, write_to_checkpoint
 from lightning_segcompress.utils.batchnorm import BatchNormReport, batchnorm_buffers, restore_batchnorm_buffers
 from lightning_segcompress.utils.inspection import find_network, frozen_copy
 
@@ -114,9 +122,19 @@ class CompressionCallback(Callback):
 
     # ---- protocol hooks ----------------------------------------------------------------------------------
 
+    def filter_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent) -> Any:
+        """Return the part of ``event.plan`` to apply (global rank 0 only; the result is broadcast). ``event.kind``
+        says whose plan it is (``"structured_pruning"``: a list of channel groups)."""
+        if type(self).filter_pruning_plan is not CompressionCallback.filter_pruning_plan \
+                and event.kind == "structured_pruning":
+            warnings.warn(f"{type(self).__name__}.filter_pruning_plan is deprecated and will be removed in the next "
+                          "release; override filter_plan (check event.kind) instead.", FutureWarning, stacklevel=2)
+            return self.filter_pruning_plan(trainer, pl_module, event)
+        return event.plan
+
     def filter_pruning_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                             event: CompressionEvent) -> History:
-        """Return the groups of ``event.plan`` to apply (global rank 0 only; the result is broadcast)."""
+        """Deprecated: override :meth:`filter_plan`."""
         return event.plan
 
     def on_before_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -267,12 +285,88 @@ def run_compression_step(trainer: pl.Trainer, pl_module: pl.LightningModule, eve
         event._snapshot = None
 
 
-def filter_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent) -> History:
+def run_plan_filters(trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent) -> list:
     """Run every listener's plan filter in turn (each sees what the previous one kept); rank 0 only."""
     for callback in compression_listeners(trainer):
-        kept = callback.filter_pruning_plan(trainer, pl_module, event)
+        kept = callback.filter_plan(trainer, pl_module, event)
         if kept is None or any(group not in event.plan for group in kept):
-            raise ValueError(f"{type(callback).__name__}.filter_pruning_plan must return a subset of event.plan.")
+            raise ValueError(f"{type(callback).__name__}.filter_plan must return a subset of event.plan.")
         event.plan = list(kept)
     return event.plan
+
+
+class CompressionProducer(CompressionCallback):
+    """Base class of the callbacks that change the network's architecture (and of your own), the way Lightning's
+    ``BaseFinetuning`` owns its hook wiring: a subclass declares
+
+    - ``kind``: the stage kind it records (a unique string, e.g. ``"structured_pruning"``);
+    - ``stage_applier``: ``apply(network, stage, applied)`` that brings a freshly built network to a recorded
+      ``stage`` (in place, returning ``None``, or returning the module that replaces the network), as a static method
+      or a ``"module:function"`` path. Defining the subclass registers it
+      (:func:`lightning_segcompress.state.register_stage_applier`), so a checkpoint of this kind restores in any
+      process that imported the subclass's module.
+
+    The base class installs the checkpoint restore in ``setup`` (``trainer.fit/validate/test/predict(ckpt_path=...)``
+    replay the stages before the weights load), removes it in ``teardown``, and writes the stages into every
+    checkpoint. A subclass that overrides those hooks calls ``super()``. Its steps go through :meth:`compress`, which
+    announces them to every listener, applies them atomically and re-estimates BatchNorm statistics.
+
+    Example (a producer that halves every ``nn.Conv2d`` bias; see ``examples/third_party_producer.py``)::
+
+        class HalveBiases(CompressionProducer):
+            kind = "halve_biases"
+
+            @staticmethod
+            def stage_applier(network, stage, applied):
+                ...  # rebuild the architecture the stage describes (weights load afterwards)
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == 1:
+                    network = self.network(pl_module)
+                    self.compress(trainer, pl_module, network, apply=..., undo=...)
+    """
+
+    kind: ClassVar[str | None] = None
+    stage_applier: ClassVar[Callable | str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        applier = cls.__dict__.get("stage_applier")
+        if applier is None:
+            return
+        if not cls.__dict__.get("kind"):
+            raise TypeError(f"{cls.__name__} declares a stage_applier but no kind: set kind = '<unique name>'.")
+        register_stage_applier(cls.kind, applier.__func__ if isinstance(applier, staticmethod) else applier)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        install_checkpoint_restore(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_checkpoint_restore(pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
+
+    def record_stage(self, network: nn.Module, stage: dict[str, Any]) -> None:
+        """Record ``stage`` (plain data) as this producer's latest stage on ``network``."""
+        set_stage(network, {**stage, "kind": self.kind})
+
+    def event(self, trainer: pl.Trainer, network: nn.Module, step: int = 1, plan: Any = None) -> CompressionEvent:
+        """The :class:`CompressionEvent` of this producer's step ``step``."""
+        return CompressionEvent(self.kind, step, network, trainer.current_epoch, trainer.global_step, plan=plan)
+
+    def compress(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                 apply: Callable[[], nn.Module], undo: Callable[[], None], step: int = 1, plan: Any = None,
+                 **options: Any) -> CompressionEvent:
+        """Run one step through the protocol (:func:`run_compression_step`; ``options``: ``retrain``,
+        ``bn_batches``, ``bn_before``) and return its event."""
+        event = self.event(trainer, network, step, plan)
+        run_compression_step(trainer, pl_module, event, apply, undo, **options)
+        return event
+
+
+def filter_plan(trainer: pl.Trainer, pl_module: pl.LightningModule, event: CompressionEvent) -> list:
+    """Deprecated name of :func:`run_plan_filters`."""
+    warnings.warn("protocol.filter_plan is deprecated; use run_plan_filters.", FutureWarning, stacklevel=2)
+    return run_plan_filters(trainer, pl_module, event)
 

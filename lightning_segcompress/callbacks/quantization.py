@@ -10,9 +10,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from lightning_segcompress.callbacks._batchnorm import checked_bn_batches
-from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._ddp import broadcast_from_rank_zero
-from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent, run_compression_step
+from lightning_segcompress.callbacks.protocol import CompressionProducer
 from lightning_segcompress.quantization import (
     QuantizationConfig,
     calibrate,
@@ -24,18 +23,21 @@ from lightning_segcompress.quantization import (
     resolve_keep_float,
 )
 from lightning_segcompress.quantization.quantize import KIND
-from lightning_segcompress.state import network_path, replace_network, write_to_checkpoint
+from lightning_segcompress.state import network_path, replace_network
 from lightning_segcompress.utils.batch import split_batch
 from lightning_segcompress.utils.shapes import checked_input_size
 
 
-class QuantizationCallback(CompressionCallback):
+class QuantizationCallback(CompressionProducer):
     """What :class:`QuantizationAwareTraining` and :class:`PostTrainingQuantization` share: preparing the network
     (a compression step of the protocol), converting it to int8, checkpoints, and logging the metric of the model
     that was converted. Subclasses set ``qat`` and decide when to prepare."""
 
     qat: bool
     pre_int8_label: str  # what the model measured during fit was
+
+    kind = KIND
+    stage_applier = "lightning_segcompress.quantization.state:apply_stage"
 
     def __init__(self, backend: str, engine: str, keep_float: list[str] | None, per_channel: bool,
                  input_size: list[int] | None, monitor: str, network_attribute: str | None,
@@ -57,10 +59,7 @@ class QuantizationCallback(CompressionCallback):
         if quantization_stage(network) is None:  # names refer to the float network
             keep_float = resolve_keep_float(network, self.keep_float_patterns)
             self.config = QuantizationConfig.from_dict({**self.config.as_dict(), "keep_float": keep_float})
-        install_checkpoint_restore(pl_module)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_checkpoint_restore(pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(pl_module)
@@ -94,9 +93,6 @@ class QuantizationCallback(CompressionCallback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_pre_int8_metric(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
-
     def progress_state(self) -> dict[str, Any]:
         return {"pre_int8_metric": self.pre_int8_metric}
 
@@ -110,15 +106,13 @@ class QuantizationCallback(CompressionCallback):
         on failure the module keeps its float network (the error names the module and the fix)."""
         network = self.network(pl_module)
         path = network_path(pl_module, network)
-        event = CompressionEvent(KIND, 1, network, trainer.current_epoch, trainer.global_step)
-
         def apply() -> nn.Module:
             prepared = prepare_network(network, self.config)  # raises before anything was replaced
             replace_network(pl_module, path, prepared)
             return prepared
 
-        run_compression_step(trainer, pl_module, event, apply, lambda: replace_network(pl_module, path, network),
-                             retrain=self.qat, bn_batches=self.bn_batches, bn_before=True)
+        self.compress(trainer, pl_module, network, apply, lambda: replace_network(pl_module, path, network),
+                      retrain=self.qat, bn_batches=self.bn_batches, bn_before=True)
         rank_zero_info(f"{type(self).__name__}: {type(network).__name__} prepared for "
                        f"{'QAT' if self.qat else 'calibration'} ({self.config.backend}) at epoch "
                        f"{trainer.current_epoch}.")

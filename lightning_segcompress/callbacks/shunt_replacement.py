@@ -13,7 +13,6 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from lightning_segcompress.callbacks._batchnorm import checked_bn_batches
-from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._ddp import (
     average_gradients,
     broadcast_from_rank_zero,
@@ -21,11 +20,7 @@ from lightning_segcompress.callbacks._ddp import (
 )
 from lightning_segcompress.callbacks._training import install_loss_term, remove_loss_term
 from lightning_segcompress.callbacks._validation import validation_miou
-from lightning_segcompress.callbacks.protocol import (
-    CompressionCallback,
-    CompressionEvent,
-    run_compression_step,
-)
+from lightning_segcompress.callbacks.protocol import CompressionProducer
 from lightning_segcompress.shunt import (
     VARIANTS,
     Block,
@@ -43,7 +38,6 @@ from lightning_segcompress.shunt import (
     splice,
 )
 from lightning_segcompress.shunt.surgery import STAGE_KIND, modules_before, restored_on_failure
-from lightning_segcompress.state import write_to_checkpoint
 from lightning_segcompress.utils.inspection import count_macs, count_params, example_input
 from lightning_segcompress.utils.precision import autocast_disabled, follow
 from lightning_segcompress.utils.shapes import checked_input_size
@@ -51,7 +45,7 @@ from lightning_segcompress.utils.shapes import checked_input_size
 RESOURCES = ("params", "macs")
 
 
-class ShuntReplacement(CompressionCallback):
+class ShuntReplacement(CompressionProducer):
     """Replace a run of MobileNetV3 blocks with one small shunt block (after Haas et al. 2021) within one fit.
 
     At fit start the backbone's block map is built (shapes, strides, dilations, which block outputs the decoder
@@ -110,6 +104,9 @@ class ShuntReplacement(CompressionCallback):
                                   losses={"ace": {"kappa": 0.3}}),
             DeviceBenchmark(runtimes=["torchscript_lite", "executorch"])])
     """
+
+    kind = STAGE_KIND
+    stage_applier = "lightning_segcompress.shunt.surgery:apply_stage"
 
     def __init__(
         self,
@@ -186,7 +183,7 @@ class ShuntReplacement(CompressionCallback):
     # ---- set-up ----------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        install_checkpoint_restore(pl_module)
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         if not pl_module.automatic_optimization:
@@ -206,7 +203,7 @@ class ShuntReplacement(CompressionCallback):
             self.plan = plan_shunt(resolve_range(self.block_map, *self.blocks), self.variant, self.widths)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_checkpoint_restore(pl_module)
+        super().teardown(trainer, pl_module, stage)
         if stage == "fit":
             self._remove_hooks()
             remove_loss_term(pl_module, self.state_key)
@@ -320,7 +317,6 @@ class ShuntReplacement(CompressionCallback):
         on failure the network is left as it was (unspliced, frozen for stage A)."""
         network = self.network(pl_module)
         self._remove_hooks()
-        event = CompressionEvent(STAGE_KIND, 1, network, trainer.current_epoch, trainer.global_step)
         flags = {p: p.requires_grad for p in network.parameters()}
         modes = {m: m.training for m in network.modules()}
 
@@ -342,7 +338,7 @@ class ShuntReplacement(CompressionCallback):
             set_ddp_gradient_sync(trainer, False)
 
         with restored_on_failure(network, self.plan.names):  # the blocks and the recorded stages
-            run_compression_step(trainer, pl_module, event, apply, undo, bn_batches=self.bn_batches)
+            self.compress(trainer, pl_module, network, apply, undo, bn_batches=self.bn_batches)
         self._frozen = []
         self.phase = "B"
         self.shunt, self.optimizer = None, None
@@ -386,9 +382,6 @@ class ShuntReplacement(CompressionCallback):
                              "batches)")
         lines += ["", "## Block map", "", format_block_map(self.block_map, self.quotients), ""]
         (folder / "shunt_report.md").write_text("\n".join(lines))
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
 
     def progress_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"phase": self.phase, "started": self.started, "scores": dict(self.scores),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -11,52 +10,35 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_segcompress.benchmark.runtimes import canonical_name
 from lightning_segcompress.callbacks._batchnorm import checked_bn_batches, reestimate_statistics
-from lightning_segcompress.callbacks._checkpoints import install_checkpoint_restore, remove_checkpoint_restore
 from lightning_segcompress.callbacks._training import load_lr_schedule_state, lr_schedule_state
 from lightning_segcompress.callbacks._validation import validation_miou
 from lightning_segcompress.callbacks.protocol import (
-    CompressionCallback,
     CompressionEvent,
-    filter_plan,
-    run_compression_step,
+    CompressionProducer,
+    run_plan_filters,
 )
 from lightning_segcompress.pruning import (
-    IMPORTANCE_NAMES,
-    PruningConfig,
     PruningError,
     PruningSchedule,
-    build_importance,
     layer_widths,
-    measure,
-    plan_step,
     prune_with_history,
 )
 from lightning_segcompress.pruning.budget import MiouBudget, restore, restore_point
-from lightning_segcompress.pruning.graph import _restore, _snapshot, unused_layers
-from lightning_segcompress.pruning.importance import resolve_importance_class
-from lightning_segcompress.pruning.latency import KeepBest, model_group_costs, weights_from_costs
+from lightning_segcompress.pruning.graph import _restore, _snapshot
 from lightning_segcompress.pruning.latency_model import (
-    RUNTIMES,
     LatencyModel,
-    RuntimeTimer,
-    build_latency_model,
-    check_runtime,
 )
-from lightning_segcompress.pruning.search import TARGETS, check_supported
-from lightning_segcompress.state import write_to_checkpoint
+from lightning_segcompress.pruning.pruner import Pruner
+from lightning_segcompress.pruning.search import check_supported
 from lightning_segcompress.utils.inspection import (
     example_input,
-    find_classifier_layers,
     select_modules,
 )
 from lightning_segcompress.utils.shapes import checked_input_size
 
-KIND = "structured_pruning"
 
-
-class StructuredPruning(CompressionCallback):
+class StructuredPruning(CompressionProducer):
     """Prune whole channels of the network on a schedule, with torch-pruning's dependency graph, so the
     model really gets smaller and faster (no masks).
 
@@ -153,6 +135,9 @@ class StructuredPruning(CompressionCallback):
                           start_epoch: 1, end_epoch: 7, steps: 3, ignored_layers: ["encoder\\\\.model\\\\.conv_stem"]}
     """
 
+    kind = "structured_pruning"
+    stage_applier = "lightning_segcompress.pruning.state:apply_stage"
+
     def __init__(
         self,
         amount: float = 0.5,
@@ -189,25 +174,10 @@ class StructuredPruning(CompressionCallback):
                                          rel_tolerance, 0.03)
         self.schedule = PruningSchedule(kind=schedule, amount=amount, start_epoch=start_epoch,
                                         end_epoch=end_epoch, steps=steps)
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}.")
-        try:
-            runtime = canonical_name(runtime)
-        except ValueError:
-            raise ValueError(f"runtime (where target: latency is measured) must be one of {list(RUNTIMES)}, got "
-                             f"{runtime!r}.") from None
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1 (or null for torch's default), got {threads}.")
-        if target == "latency":
-            check_runtime(runtime)  # ExecuTorch missing: fails now, with the install command
-        if importance not in IMPORTANCE_NAMES:
-            resolve_importance_class(importance)  # fails now, with the fix, rather than at the first step
-        if round_to is not None and round_to < 1:
-            raise ValueError(f"round_to must be >= 1 (or null for no rounding), got {round_to}.")
-        if not 0.0 < max_layer_fraction < 1.0:
-            raise ValueError(f"max_layer_fraction must be in (0, 1), got {max_layer_fraction}.")
-        if not 0.0 < rel_tolerance < 1.0:
-            raise ValueError(f"rel_tolerance is relative to amount and must be in (0, 1), got {rel_tolerance}.")
+        # planning, the reference, Taylor gradients and the latency model (Trainer-free)
+        self.pruner = Pruner(target, importance, importance_args, global_pruning=global_pruning, round_to=round_to,
+                             max_layer_fraction=max_layer_fraction, rel_tolerance=rel_tolerance, seed=seed,
+                             runtime=runtime, threads=threads, latency_ranking=latency_ranking, log=rank_zero_info)
         if taylor_batches < 1:
             raise ValueError(f"taylor_batches must be >= 1, got {taylor_batches}.")
         if on_failure not in ("raise", "skip"):
@@ -224,22 +194,15 @@ class StructuredPruning(CompressionCallback):
             ignored_layers = [ignored_layers]
         self.bn_batches = checked_bn_batches(bn_batches, "StructuredPruning")
         self.target = target
-        self.runtime = runtime
-        self.threads = threads
-        self.latency_ranking = latency_ranking
+        self.runtime = self.pruner.runtime
         self.importance = importance
-        self.importance_args = dict(importance_args or {})
-        self.global_pruning = global_pruning
-        self.round_to = round_to
         self.ignored_patterns = list(ignored_layers or [])
-        self.max_layer_fraction = max_layer_fraction
         self.rel_tolerance = rel_tolerance
         self.taylor_batches = taylor_batches
         self.input_size = checked_input_size(input_size, default=None)
         self.on_failure = on_failure
         self.network_attribute = network_attribute
         self.output_dir = output_dir
-        self.seed = seed
         self.max_miou_drop = max_miou_drop
         self.budget_backoff = bool(budget_backoff)
         self.eval_batches = eval_batches
@@ -249,18 +212,25 @@ class StructuredPruning(CompressionCallback):
         self.steps_done = 0
         self.budget = MiouBudget(max_miou_drop, backoff=self.budget_backoff) if max_miou_drop is not None else None
         self.lr_rewind_state: dict | None = None
-        self.reference: dict[str, int] | None = None
-        self.reference_widths: dict[str, int] | None = None
         self.records: list[dict] = []
-        self.latency_model: LatencyModel | None = None  # target latency: built before the first step
-        # how latency is timed (a LayerTimer; None: a RuntimeTimer on runtime/threads); tests inject a fake one
-        self.latency_timer = None
         # per-fit working state
         self._ignored: list[str] = []
-        self._grad_sum: dict[str, torch.Tensor] = {}
-        self._grad_batches = 0
         self._evaluate = None
         self._restore_point = None  # the network just before the last step, while the budget may undo it
+
+    # the pruner's settings and state, readable on the callback (the latency timer also assignable: tests fake it)
+    importance_args = property(lambda self: self.pruner.importance_args)
+    global_pruning = property(lambda self: self.pruner.global_pruning)
+    round_to = property(lambda self: self.pruner.round_to)
+    max_layer_fraction = property(lambda self: self.pruner.max_layer_fraction)
+    seed = property(lambda self: self.pruner.seed)
+    threads = property(lambda self: self.pruner.threads)
+    latency_ranking = property(lambda self: self.pruner.latency_ranking)
+    reference = property(lambda self: self.pruner.reference)
+    reference_widths = property(lambda self: self.pruner.reference_widths)
+    latency_model = property(lambda self: self.pruner.latency_model)
+    latency_timer = property(lambda self: self.pruner.latency_timer,
+                             lambda self, timer: setattr(self.pruner, "latency_timer", timer))
 
     # ---- Lightning hooks -------------------------------------------------------------------------------
 
@@ -269,15 +239,15 @@ class StructuredPruning(CompressionCallback):
         self._ignored = sorted(select_modules(network, self.ignored_patterns, "ignored_layers"))
         if stage == "fit":
             check_supported(network, self._ignored)
-        install_checkpoint_restore(pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        remove_checkpoint_restore(pl_module)
+        super().teardown(trainer, pl_module, stage)
         self._evaluate = self._restore_point = None
 
     def on_after_compression(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              event: CompressionEvent) -> None:
-        if event.kind != KIND:  # another technique changed the network (e.g. QAT): the restore point is stale
+        if event.kind != self.kind:  # another technique changed the network (e.g. QAT): the restore point is stale
             self._restore_point = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -295,7 +265,7 @@ class StructuredPruning(CompressionCallback):
                                "give the trainer validation data (limit_val_batches > 0) or drop max_miou_drop.")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._grad_sum, self._grad_batches = {}, 0
+        self.pruner.clear_gradients()
         if self.lr_rewind_epoch == trainer.current_epoch and self.lr_rewind_state is None:
             self.lr_rewind_state = lr_schedule_state(trainer)
         if self.budget is not None and trainer.current_epoch == self._final_check_epoch(trainer) \
@@ -305,12 +275,7 @@ class StructuredPruning(CompressionCallback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self.importance != "taylor" or not self._due_steps(trainer.current_epoch):
             return
-        network = self.network(pl_module)
-        for name, p in network.named_parameters():
-            if p.grad is not None:
-                grad = p.grad.detach()
-                self._grad_sum[name] = self._grad_sum[name] + grad if name in self._grad_sum else grad.clone()
-        self._grad_batches += 1
+        self.pruner.accumulate_gradients(self.network(pl_module))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -319,7 +284,8 @@ class StructuredPruning(CompressionCallback):
             return
         if self.importance == "taylor":
             last_batch = batch_idx >= trainer.num_training_batches - 1
-            if self._grad_batches < self.taylor_batches and not (last_batch and self._grad_batches > 0):
+            done = self.pruner.gradient_batches
+            if done < self.taylor_batches and not (last_batch and done > 0):
                 return
         for step in due:
             if self.budget is not None and not self._check_budget(trainer, pl_module):
@@ -327,27 +293,20 @@ class StructuredPruning(CompressionCallback):
                 return
             self.prune_step(trainer, pl_module, step, batch)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        write_to_checkpoint(checkpoint, pl_module, self.network_attribute)
-
     def progress_state(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "reference": self.reference, "reference_widths": self.reference_widths,
-                "records": self.records, "input_size": self.input_size,
+        return {"steps_done": self.steps_done, **self.pruner.state(), "records": self.records,
+                "input_size": self.input_size,
                 "budget": self.budget.summary() if self.budget is not None else None,
-                "lr_rewind_state": self.lr_rewind_state,
-                "latency_model": self.latency_model.as_dict() if self.latency_model is not None else None}
+                "lr_rewind_state": self.lr_rewind_state}
 
     def load_progress_state(self, state_dict: dict[str, Any]) -> None:
         self.steps_done = int(state_dict.get("steps_done", 0))
-        self.reference = state_dict.get("reference")
-        self.reference_widths = state_dict.get("reference_widths")
+        self.pruner.load_state(state_dict)
         self.records = list(state_dict.get("records", []))
         self.input_size = state_dict.get("input_size") or self.input_size
         if self.budget is not None:
             self.budget = MiouBudget.from_dict(state_dict.get("budget"), self.max_miou_drop, self.budget_backoff)
         self.lr_rewind_state = state_dict.get("lr_rewind_state") or self.lr_rewind_state
-        if state_dict.get("latency_model"):
-            self.latency_model = LatencyModel.from_dict(state_dict["latency_model"])
 
     # ---- the pruning step ------------------------------------------------------------------------------
 
@@ -359,11 +318,7 @@ class StructuredPruning(CompressionCallback):
     def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, batch: Any) -> None:
         network = self.network(pl_module)
         example = self._example(network, batch)
-        if self.reference is None:
-            self.reference = measure(network, example)
-            self.reference_widths = layer_widths(network)
-        if self.latency_model is not None:  # from a checkpoint, or assigned before the fit
-            self.reference.setdefault("latency", self.latency_model.reference_ms)
+        self.pruner.begin(network, example)
         fraction = self.schedule.fraction_after(step)
         if self.budget is not None:  # after an undone step: halfway between what is kept and what failed
             fraction = self.budget.target_fraction(fraction)
@@ -371,10 +326,8 @@ class StructuredPruning(CompressionCallback):
             else None
         payload = trainer.strategy.broadcast(payload, src=0)  # every rank applies rank 0's decision
         if payload.get("latency_model") and self.latency_model is None:  # built on rank 0 in this step
-            self._set_latency_model(LatencyModel.from_dict(payload["latency_model"]))
+            self.pruner.set_latency_model(LatencyModel.from_dict(payload["latency_model"]))
         if "error" not in payload:
-            event = CompressionEvent(KIND, step, network, trainer.current_epoch, trainer.global_step,
-                                     plan=payload["history"])
             if self.budget is not None:
                 self._restore_point = restore_point(network)
             rollback = _snapshot(network)
@@ -384,8 +337,8 @@ class StructuredPruning(CompressionCallback):
                 return network
 
             try:
-                run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, rollback),
-                                     bn_batches=self.bn_batches)
+                event = self.compress(trainer, pl_module, network, apply, lambda: _restore(network, rollback),
+                                      step=step, plan=payload["history"], bn_batches=self.bn_batches)
             except Exception as err:  # noqa: BLE001 - reported below, the network is already restored
                 payload = {"error": f"{type(err).__name__}: {err}"}
         self.steps_done = step
@@ -446,14 +399,12 @@ class StructuredPruning(CompressionCallback):
             return
         network = self.network(pl_module)
         point, current = self._restore_point, _snapshot(network)
-        event = CompressionEvent(KIND, step, network, trainer.current_epoch, trainer.global_step, plan=[])
-
         def apply() -> nn.Module:
             restore(network, point)
             return network
 
-        run_compression_step(trainer, pl_module, event, apply, lambda: _restore(network, current),
-                             bn_batches=self.bn_batches)
+        self.compress(trainer, pl_module, network, apply, lambda: _restore(network, current), step=step, plan=[],
+                      bn_batches=self.bn_batches)
         kept = self.budget.kept_fraction()
         self.records.append({"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                              "undone": True, "miou_drop_points": check["drop_points"],
@@ -476,73 +427,19 @@ class StructuredPruning(CompressionCallback):
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
               example: torch.Tensor, step: int, fraction: float) -> dict:
+        bisecting = self.budget is not None and self.budget.ceiling is not None  # an approximate target
+        exact = step == self.schedule.steps and not bisecting
         try:
-            config = PruningConfig(
-                ignored_layers=sorted(set(self._ignored) | set(find_classifier_layers(network, example))),
-                round_to=self.round_to, global_pruning=self.global_pruning,
-                max_layer_fraction=self.max_layer_fraction, reference_widths=self.reference_widths,
-                tolerance=self.rel_tolerance,
-            )
-            if self.target == "latency" and self.latency_model is None:
-                self._build_latency_model(network, example, config)
-            importance, weights = build_importance(self.importance, **self.importance_args), None
-            if self.target == "latency" and self.latency_ranking:
-                costs = model_group_costs(self.latency_model, network, example, config.ignored_layers,
-                                          round_to=self.round_to)
-                importance, weights = KeepBest(importance, min_channels=self.round_to or 8), weights_from_costs(costs)
-            with self._taylor_gradients(network), _seeded(self.seed + step):
-                plan = plan_step(network, example, importance, self.target, fraction, self.reference[self.target],
-                                 config, group_weights=weights, latency_model=self.latency_model)
+            history, plan = self.pruner.plan(network, example, fraction, self._ignored, step=step, exact=exact)
+        except PruningError as err:
+            return {"error": str(err)}
         except Exception as err:  # noqa: BLE001 - broadcast to all ranks, then raised or skipped
             return {"error": f"{type(err).__name__}: {err}"}
-        bisecting = self.budget is not None and self.budget.ceiling is not None  # an approximate target
-        if step == self.schedule.steps and not plan.within_tolerance and not bisecting:
-            message = (f"the closest plan removes {plan.achieved_fraction:.3f} of {self.target}, not {fraction:.3f} "
-                       f"(rel_tolerance {self.rel_tolerance:.0%}). Lower round_to, raise max_layer_fraction, un-ignore "
-                       "layers or raise rel_tolerance.")
-            if self.target == "latency":
-                model = self.latency_model
-                message += (f" Of the {model.reference_ms:.1f} ms on {model.runtime}, {model.constant_ms:.1f} ms are "
-                            "outside the prunable layers (transposes, resizes, the classifier, untimed layers) and do "
-                            "not shrink.")
-            unused = unused_layers(network, example) if self.target == "params" else {}
-            if unused:
-                message += (f" Note: {sum(unused.values()):,} parameters sit in layers the forward never runs "
-                            f"({', '.join(list(unused)[:4])}); they count as params but cannot be pruned: delete "
-                            "them from the network or target macs.")
-            return {"error": message}
-        event = CompressionEvent(KIND, step, network, trainer.current_epoch, trainer.global_step,
-                                 plan=plan.history)
         try:
-            history = filter_plan(trainer, pl_module, event)
+            kept = run_plan_filters(trainer, pl_module, self.event(trainer, network, step, plan=history))
         except Exception as err:  # noqa: BLE001 - a filter failed: broadcast, then raised or skipped
             return {"error": f"a plan filter failed: {type(err).__name__}: {err}"}
-        return {"history": history, "plan": {**plan.as_dict(), "groups_planned": len(plan.history),
-                                             "groups_applied": len(history)}}
-
-    def _build_latency_model(self, network: nn.Module, example: torch.Tensor, config: PruningConfig) -> None:
-        """Time the unpruned network's prunable layers on the runtime (rank 0, before the first step)."""
-        timer = self.latency_timer if self.latency_timer is not None else RuntimeTimer(self.runtime, self.threads)
-        rank_zero_info(f"StructuredPruning: timing the network's layers on {self.runtime} at "
-                       f"{list(example.shape)} for target latency (once; kept in checkpoints)...")
-        model = build_latency_model(network, example, self.runtime, ignored_layers=config.ignored_layers,
-                                    round_to=self.round_to, timer=timer)
-        rank_zero_info(f"StructuredPruning: latency model built in {model.build_s:.0f} s ({model.timings} layer "
-                       f"timings): {model.reference_ms:.1f} ms measured = {model.scale:.2f} x the "
-                       f"{len(model.layers)} modelled layers + {model.constant_ms:.1f} ms.")
-        self._set_latency_model(model)
-
-    def _set_latency_model(self, model: LatencyModel) -> None:
-        self.latency_model = model
-        self.reference["latency"] = model.reference_ms
-
-    def _measured_ms(self, network: nn.Module, example: torch.Tensor) -> tuple[float | None, str | None]:
-        """The pruned network's latency measured once on the runtime (rank 0); a failure is reported, not raised."""
-        timer = self.latency_timer if self.latency_timer is not None else RuntimeTimer(self.runtime, self.threads)
-        try:
-            return float(timer.time_network(network, example)), None
-        except Exception as err:  # noqa: BLE001 - the step is done; only the check is missing
-            return None, f"{type(err).__name__}: {str(err)[:300]}"
+        return {"history": kept, "plan": {**plan, "groups_planned": len(history), "groups_applied": len(kept)}}
 
     def _example(self, network: nn.Module, batch: Any) -> torch.Tensor:
         if self.input_size is None:
@@ -550,40 +447,9 @@ class StructuredPruning(CompressionCallback):
             self.input_size = list(image.shape[-2:])
         return example_input(network, size=tuple(self.input_size), batch_size=1)
 
-    @contextlib.contextmanager
-    def _taylor_gradients(self, network: nn.Module):
-        """Install the mean of the accumulated gradients as ``.grad`` while Taylor importance is scored."""
-        if self.importance != "taylor":
-            yield
-            return
-        if not self._grad_sum:
-            raise PruningError("taylor importance has no gradients: no optimizer step ran in this epoch before "
-                               "the pruning step. Use another importance or give the epoch training batches.")
-        saved = {}
-        for name, p in network.named_parameters():
-            saved[name] = p.grad
-            summed = self._grad_sum.get(name)
-            p.grad = summed / self._grad_batches if summed is not None else torch.zeros_like(p)
-        try:
-            yield
-        finally:
-            for name, p in network.named_parameters():
-                p.grad = saved.get(name)
-            self._grad_sum, self._grad_batches = {}, 0
-
     def _report(self, trainer, network: nn.Module, example: torch.Tensor, step: int, plan: dict,
                 batchnorm=None) -> None:
-        after = measure(network, example)
-        latency = {}
-        if self.latency_model is not None and "latency" in self.reference:
-            after["latency"] = self.latency_model.predict(network)
-            measured, error = self._measured_ms(network, example) if trainer.is_global_zero else (None, None)
-            reference = self.latency_model.reference_ms
-            latency = {"runtime": self.latency_model.runtime, "threads": self.latency_model.threads,
-                       "reference_ms": reference, "predicted_ms": after["latency"], "measured_ms": measured,
-                       "measured_fraction": None if measured is None else 1.0 - measured / reference}
-            if error:
-                latency["measured_error"] = error
+        after, latency = self.pruner.measure(network, example, time_it=trainer.is_global_zero)
         record = {"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "requested_fraction": plan["requested_fraction"],
                   "achieved_fraction": 1.0 - after[self.target] / self.reference[self.target],
@@ -619,10 +485,3 @@ class StructuredPruning(CompressionCallback):
         (out / "pruning_steps.json").write_text(json.dumps(self.records, indent=1))
         if self.budget is not None:
             (out / "pruning_budget.json").write_text(json.dumps(self.budget.summary(), indent=1))
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

@@ -5,6 +5,7 @@ atomic replay of plain-data pruning histories."""
 from lightning_segcompress.pruning.graph import PruningError, layer_widths, measure, replay_history
 from lightning_segcompress.pruning.importance import IMPORTANCE_NAMES, build_importance
 from lightning_segcompress.pruning.latency_model import LatencyModel, build_latency_model
+from lightning_segcompress.pruning.pruner import Pruner
 from lightning_segcompress.pruning.schedule import SCHEDULES, PruningSchedule
 from lightning_segcompress.pruning.search import PruningConfig, StepPlan, plan_step
 from lightning_segcompress.pruning.state import prune_with_history, pruning_history
@@ -13,6 +14,7 @@ __all__ = [
     "IMPORTANCE_NAMES",
     "LatencyModel",
     "SCHEDULES",
+    "Pruner",
     "PruningConfig",
     "PruningError",
     "PruningSchedule",

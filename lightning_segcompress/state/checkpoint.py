@@ -162,8 +162,9 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
         model = MyLitModule(...)                      # built exactly as for training
         model = load_compressed(model, "runs/pruned.ckpt")  # now pruned, with the trained weights
 
-    Returns ``model`` (a LightningModule keeps its identity; a bare network that a stage replaces, e.g. a
-    quantized one, comes back as the replacement).
+    ``model`` may also be the bare network of the LightningModule that wrote the checkpoint (its keys are then
+    read under the module's attribute, e.g. ``net.``). Returns ``model`` (a LightningModule keeps its identity; a
+    bare network that a stage replaces, e.g. a quantized one, comes back as the replacement).
     """
     return _load_compressed(model, read_checkpoint(checkpoint_path, map_location=map_location), checkpoint_path, strict)
 
@@ -171,6 +172,10 @@ def load_compressed(model: nn.Module, checkpoint_path: str | os.PathLike, strict
 def _load_compressed(model: nn.Module, checkpoint: dict, checkpoint_path: str | os.PathLike,
                      strict: bool = True) -> nn.Module:
     """:func:`load_compressed` of an already read ``checkpoint``."""
+    path = (checkpoint.get(CHECKPOINT_KEY) or {}).get("network_attribute")
+    if path and not _has_submodule(model, path):  # the bare network, given a LightningModule's checkpoint
+        return _load_network_weights(model, checkpoint, checkpoint_path, CheckpointError,
+                                     "Build the network exactly as for the run that wrote it.")
     model = restore_from_checkpoint(model, checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
     try:
@@ -241,6 +246,10 @@ def _same_module(module: nn.Module, checkpoint: dict) -> bool:
     path = entry.get("network_attribute")
     if not entry or path is None:
         return False
+    return _has_submodule(module, path)
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
     except AttributeError:
