@@ -12,7 +12,7 @@ the DeviceBenchmark path (TorchScript lite interpreter and ExecuTorch/XNNPACK, e
   ``round_to=8``);
 * ``pruned (l2, round_to=16)``: the same with channel counts in multiples of 16, the fp32 tile width of
   XNNPACK's and oneDNN's AVX-512 kernels (odd widths are padded up and run slower than the next multiple);
-* ``pruned (latency-aware)``: ``round_to=16`` plus latency group weights (``pruning/latency.py``): groups
+* ``pruned (latency-aware)``: ``round_to=16`` plus latency group weights (``benchmarks/_eager_group_costs.py``): groups
   whose channels buy more measured eager time per MAC than average become cheaper to remove, every group
   keeping at least a quarter of its channels (``KeepBest``).
 
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _eager_group_costs import group_costs  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 from torch.nn.utils import prune
 
@@ -44,7 +45,7 @@ from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network
 from lightning_segcompress.benchmark.report import add_stage
 from lightning_segcompress.models import build_network
 from lightning_segcompress.pruning import PruningConfig, build_importance, layer_widths, measure, plan_step
-from lightning_segcompress.pruning.latency import KeepBest, group_costs, weights_from_costs
+from lightning_segcompress.pruning.latency import KeepBest, weights_from_costs
 from lightning_segcompress.pruning.state import prune_with_history
 from lightning_segcompress.utils.inspection import example_input, find_classifier_layers
 

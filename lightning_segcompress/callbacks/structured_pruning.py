@@ -13,29 +13,18 @@ from torch import nn
 from lightning_segcompress.callbacks._batchnorm import checked_bn_batches, reestimate_statistics
 from lightning_segcompress.callbacks._training import load_lr_schedule_state, lr_schedule_state
 from lightning_segcompress.callbacks._validation import validation_miou
-from lightning_segcompress.callbacks.protocol import (
-    CompressionEvent,
-    CompressionProducer,
-    run_plan_filters,
-)
-from lightning_segcompress.pruning import (
-    PruningError,
-    PruningSchedule,
-    layer_widths,
-    prune_with_history,
-)
+from lightning_segcompress.callbacks.protocol import CompressionEvent, CompressionProducer, run_plan_filters
+from lightning_segcompress.pruning import PruningError, PruningSchedule, prune_with_history
 from lightning_segcompress.pruning.budget import MiouBudget, restore, restore_point
 from lightning_segcompress.pruning.graph import _restore, _snapshot
-from lightning_segcompress.pruning.latency_model import (
-    LatencyModel,
-)
-from lightning_segcompress.pruning.pruner import Pruner
+from lightning_segcompress.pruning.latency_model import LatencyModel
+from lightning_segcompress.pruning.pruner import Pruner, describe_step
 from lightning_segcompress.pruning.search import check_supported
-from lightning_segcompress.utils.inspection import (
-    example_input,
-    select_modules,
-)
+from lightning_segcompress.utils.inspection import example_input, select_modules
 from lightning_segcompress.utils.shapes import checked_input_size
+
+_PRUNER_ATTRIBUTES = ("importance_args", "global_pruning", "round_to", "max_layer_fraction", "seed", "threads",
+                      "latency_ranking", "reference", "reference_widths", "latency_model")
 
 
 class StructuredPruning(CompressionProducer):
@@ -218,17 +207,11 @@ class StructuredPruning(CompressionProducer):
         self._evaluate = None
         self._restore_point = None  # the network just before the last step, while the budget may undo it
 
-    # the pruner's settings and state, readable on the callback (the latency timer also assignable: tests fake it)
-    importance_args = property(lambda self: self.pruner.importance_args)
-    global_pruning = property(lambda self: self.pruner.global_pruning)
-    round_to = property(lambda self: self.pruner.round_to)
-    max_layer_fraction = property(lambda self: self.pruner.max_layer_fraction)
-    seed = property(lambda self: self.pruner.seed)
-    threads = property(lambda self: self.pruner.threads)
-    latency_ranking = property(lambda self: self.pruner.latency_ranking)
-    reference = property(lambda self: self.pruner.reference)
-    reference_widths = property(lambda self: self.pruner.reference_widths)
-    latency_model = property(lambda self: self.pruner.latency_model)
+    def __getattr__(self, name: str) -> Any:  # the pruner's settings and state, readable on the callback
+        if name in _PRUNER_ATTRIBUTES and "pruner" in self.__dict__:
+            return getattr(self.pruner, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     latency_timer = property(lambda self: self.pruner.latency_timer,
                              lambda self, timer: setattr(self.pruner, "latency_timer", timer))
 
@@ -322,7 +305,7 @@ class StructuredPruning(CompressionProducer):
         fraction = self.schedule.fraction_after(step)
         if self.budget is not None:  # after an undone step: halfway between what is kept and what failed
             fraction = self.budget.target_fraction(fraction)
-        payload = self._decide(trainer, pl_module, network, example, step, fraction) if trainer.is_global_zero \
+        payload = self._plan(trainer, pl_module, network, example, step, fraction) if trainer.is_global_zero \
             else None
         payload = trainer.strategy.broadcast(payload, src=0)  # every rank applies rank 0's decision
         if payload.get("latency_model") and self.latency_model is None:  # built on rank 0 in this step
@@ -415,16 +398,6 @@ class StructuredPruning(CompressionProducer):
                        f"fine-tuning (max_miou_drop {self.max_miou_drop}); undone. The fit keeps "
                        f"{kept:.3f} of {self.target} removed{more}.")
 
-    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
-                example: torch.Tensor, step: int, fraction: float) -> dict:
-        """Plan a step on rank 0 and pass it through the plan filters: a plain-data pruning history, or the error
-        that prevented it. With ``target: latency`` the payload also carries the latency model (built here, before
-        the first step) for the other ranks."""
-        payload = self._plan(trainer, pl_module, network, example, step, fraction)
-        if self.latency_model is not None:
-            payload["latency_model"] = self.latency_model.as_dict()
-        return payload
-
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
               example: torch.Tensor, step: int, fraction: float) -> dict:
         bisecting = self.budget is not None and self.budget.ceiling is not None  # an approximate target
@@ -439,7 +412,10 @@ class StructuredPruning(CompressionProducer):
             kept = run_plan_filters(trainer, pl_module, self.event(trainer, network, step, plan=history))
         except Exception as err:  # noqa: BLE001 - a filter failed: broadcast, then raised or skipped
             return {"error": f"a plan filter failed: {type(err).__name__}: {err}"}
-        return {"history": kept, "plan": {**plan, "groups_planned": len(history), "groups_applied": len(kept)}}
+        # with target: latency the payload carries the latency model (built on rank 0 before step 1) to the others
+        model = self.latency_model.as_dict() if self.latency_model is not None else None
+        return {"history": kept, "plan": {**plan, "groups_planned": len(history), "groups_applied": len(kept)},
+                "latency_model": model}
 
     def _example(self, network: nn.Module, batch: Any) -> torch.Tensor:
         if self.input_size is None:
@@ -449,15 +425,9 @@ class StructuredPruning(CompressionProducer):
 
     def _report(self, trainer, network: nn.Module, example: torch.Tensor, step: int, plan: dict,
                 batchnorm=None) -> None:
-        after, latency = self.pruner.measure(network, example, time_it=trainer.is_global_zero)
         record = {"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
-                  "requested_fraction": plan["requested_fraction"],
-                  "achieved_fraction": 1.0 - after[self.target] / self.reference[self.target],
-                  "planned_fraction": plan["achieved_fraction"], "channel_ratio": plan["ratio"],
-                  "groups_planned": plan["groups_planned"], "groups_applied": plan["groups_applied"], **after,
-                  **{f"{k}_fraction_kept": after[k] / self.reference[k] for k in after},
-                  **latency, "bn_reestimation": batchnorm.as_dict() if batchnorm is not None else None,
-                  "channels_per_layer": layer_widths(network)}
+                  **self.pruner.step_record(network, example, plan, time_it=trainer.is_global_zero),
+                  "bn_reestimation": batchnorm.as_dict() if batchnorm is not None else None}
         self.records.append(record)
         if not trainer.is_global_zero:
             return
@@ -466,16 +436,8 @@ class StructuredPruning(CompressionProducer):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
         self._write_steps(trainer)
-        rank_zero_info(
-            f"StructuredPruning step {step}/{self.schedule.steps} (epoch {trainer.current_epoch}): removed "
-            f"{record['achieved_fraction']:.3f} of {self.target} (requested {record['requested_fraction']:.3f}); "
-            f"params {after['params']:,} ({record['params_fraction_kept']:.2f} kept), MACs {after['macs']:,} "
-            f"({record['macs_fraction_kept']:.2f} kept)." + (
-                f" Latency on {latency['runtime']}: {latency['predicted_ms']:.1f} ms predicted, "
-                + (f"{latency['measured_ms']:.1f} ms measured" if latency["measured_ms"] is not None
-                   else f"not measured ({latency.get('measured_error')})")
-                + f" (unpruned {latency['reference_ms']:.1f} ms)." if latency else "")
-        )
+        rank_zero_info(f"StructuredPruning step {step}/{self.schedule.steps} (epoch {trainer.current_epoch}): "
+                       + describe_step(record, self.target))
 
     def _write_steps(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:

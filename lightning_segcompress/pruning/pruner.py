@@ -25,17 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_segcompress.benchmark.runtime_timer import RuntimeTimer, check_runtime
 from lightning_segcompress.benchmark.runtimes import canonical_name
 from lightning_segcompress.pruning.graph import PruningError, layer_widths, measure, unused_layers
 from lightning_segcompress.pruning.importance import IMPORTANCE_NAMES, build_importance, resolve_importance_class
 from lightning_segcompress.pruning.latency import KeepBest, model_group_costs, weights_from_costs
-from lightning_segcompress.pruning.latency_model import (
-    RUNTIMES,
-    LatencyModel,
-    RuntimeTimer,
-    build_latency_model,
-    check_runtime,
-)
+from lightning_segcompress.pruning.latency_model import RUNTIMES, LatencyModel, build_latency_model
 from lightning_segcompress.pruning.search import TARGETS, PruningConfig, plan_step
 from lightning_segcompress.utils.inspection import find_classifier_layers
 
@@ -238,12 +233,36 @@ class Pruner:
             latency["measured_error"] = error
         return after, latency
 
+    def step_record(self, network: nn.Module, example: torch.Tensor, plan: dict, time_it: bool = True) -> dict:
+        """What a step did, as plain data: ``plan`` (:meth:`plan`'s summary, with ``groups_planned`` and
+        ``groups_applied``), the network's measures and the fraction of each kept, latency, widths per layer."""
+        after, latency = self.measure(network, example, time_it)
+        return {"requested_fraction": plan["requested_fraction"],
+                "achieved_fraction": 1.0 - after[self.target] / self.reference[self.target],
+                "planned_fraction": plan["achieved_fraction"], "channel_ratio": plan["ratio"],
+                "groups_planned": plan["groups_planned"], "groups_applied": plan["groups_applied"], **after,
+                **{f"{k}_fraction_kept": after[k] / self.reference[k] for k in after}, **latency,
+                "channels_per_layer": layer_widths(network)}
+
     def _measured_ms(self, network: nn.Module, example: torch.Tensor) -> tuple[float | None, str | None]:
         """The pruned network's latency measured once on the runtime; a failure is reported, not raised."""
         try:
             return float(self._timer().time_network(network, example)), None
         except Exception as err:  # noqa: BLE001 - the step is done; only the check is missing
             return None, f"{type(err).__name__}: {str(err)[:300]}"
+
+
+def describe_step(record: dict, target: str) -> str:
+    """One line about a :meth:`Pruner.step_record`."""
+    text = (f"removed {record['achieved_fraction']:.3f} of {target} (requested {record['requested_fraction']:.3f}); "
+            f"params {record['params']:,} ({record['params_fraction_kept']:.2f} kept), MACs {record['macs']:,} "
+            f"({record['macs_fraction_kept']:.2f} kept).")
+    if record.get("predicted_ms") is not None:
+        measured = (f"{record['measured_ms']:.1f} ms measured" if record["measured_ms"] is not None
+                    else f"not measured ({record.get('measured_error')})")
+        text += (f" Latency on {record['runtime']}: {record['predicted_ms']:.1f} ms predicted, {measured} (unpruned "
+                 f"{record['reference_ms']:.1f} ms).")
+    return text
 
 
 @contextlib.contextmanager

@@ -7,9 +7,9 @@ from torch import nn
 
 from lightning_segcompress.benchmark import BenchmarkSettings, benchmark_network
 from lightning_segcompress.benchmark import runtimes as registry
+from lightning_segcompress.benchmark.runtime_timer import RuntimeTimer
 from lightning_segcompress.benchmark.runtimes import Runtime, get_runtime, register_runtime, runtime_for_file
 from lightning_segcompress.export.bundle import check_output_path
-from lightning_segcompress.pruning.latency_model import RuntimeTimer
 from support.common import subprocess_env
 
 FAST = dict(input_shape=(1, 3, 16, 16), warmup=0, runs=1, memory=False, profile=False)

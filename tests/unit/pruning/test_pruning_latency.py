@@ -17,7 +17,6 @@ from lightning_segcompress.pruning.importance import compute_group_scores
 from lightning_segcompress.pruning.latency import (
     GroupCost,
     KeepBest,
-    latency_group_weights,
     model_group_costs,
     weights_from_costs,
 )
@@ -42,24 +41,9 @@ def unet():
     return network, example, find_classifier_layers(network, example)
 
 
-def test_weights_cover_every_prunable_group(unet):
-    network, example, classifier = unet
-    before = {k: v.clone() for k, v in network.state_dict().items()}
-    network.train()
-    weights = latency_group_weights(network, example, classifier, threads=1, runs=1)
-    modules = dict(network.named_modules())
-    groups = compute_group_scores(build_graph(network, example), build_importance("l2"),
-                                  [modules[n] for n in classifier], set())
-    assert set(weights) == set(groups)
-    assert all(math.isfinite(w) for w in weights.values())
-    assert len(set(weights.values())) > 1, "measured per group, not one constant (the clip is tested below)"
-    assert network.training
-    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
-
-
 def test_plan_with_latency_weights_hits_the_macs_target(unet):
     network, example, classifier = unet
-    # weights in latency_group_weights' range, but fixed: measured ones change from run to run (timing noise)
+    # weights in weights_from_costs' range, but fixed: measured ones change from run to run (timing noise)
     modules = dict(network.named_modules())
     groups = compute_group_scores(build_graph(network, example), build_importance("l2"),
                                   [modules[n] for n in classifier], set())
