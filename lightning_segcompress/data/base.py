@@ -1,4 +1,4 @@
-"""Shared LightningDataModule base for the segmentation data sets."""
+"""Shared bases of the segmentation data sets: the LightningDataModule and the seeded per-item generated dataset."""
 
 from __future__ import annotations
 
@@ -9,6 +9,43 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .transforms import SegmentationTransform
+
+_SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
+_MASK64 = (1 << 64) - 1
+
+
+def item_seed(seed: int, split: str, index: int) -> int:
+    """A well-mixed 63-bit seed for one item (splitmix64 over seed, split and index)."""
+    h = 0x9E3779B97F4A7C15
+    for value in (seed, _SPLIT_IDS[split], index):
+        h = ((h ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+class SeededItems(Dataset):
+    """``length`` generated items of one split; item ``i`` depends only on ``(seed, split, i)``: subclasses
+    implement :meth:`render` (an image in [0, 1] and its mask from a seeded generator)."""
+
+    def __init__(self, split: str, length: int, seed: int = 0, transform: SegmentationTransform | None = None) -> None:
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+        self.split, self.length, self.seed, self.transform = split, length, seed, transform
+
+    def render(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        image, mask = self.render(torch.Generator().manual_seed(item_seed(self.seed, self.split, index)))
+        if self.transform is not None:
+            return self.transform(image, mask)
+        return image, mask
 
 
 def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

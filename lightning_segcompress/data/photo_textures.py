@@ -63,8 +63,7 @@ import torch.nn.functional as nnf
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import SegmentationDataModule, check_positive
-from .synthetic import _SPLIT_IDS, item_seed
+from .base import SeededItems, SegmentationDataModule, check_positive
 from .transforms import SegmentationTransform
 
 _FIELD_OF_VIEW = 256  # photo pixels across one image, about (see _field_of_view_shrink)
@@ -323,7 +322,7 @@ def render_mosaic(
     return image.clamp_(0, 1), mask
 
 
-class PhotoTexturesDataset(Dataset):
+class PhotoTexturesDataset(SeededItems):
     """``length`` mosaics of one split; item ``i`` depends only on ``(seed, split, i)``.
 
     Args:
@@ -348,27 +347,13 @@ class PhotoTexturesDataset(Dataset):
         seed: int = 0,
         transform: SegmentationTransform | None = None,
     ) -> None:
-        if split not in _SPLIT_IDS:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
-        self.split, self.length, self.seed = split, length, seed
+        super().__init__(split, length, seed, transform)
         self.num_classes, self.image_size, self.max_regions = num_classes, tuple(image_size), max_regions
         self.color_jitter = float(color_jitter)
-        self.transform = transform
         self.folder = str(skimage_data_dir())
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.split, index))
-        image, mask = render_mosaic(
-            g, self.num_classes, self.image_size, self.max_regions, self.color_jitter, self.folder
-        )
-        if self.transform is not None:
-            return self.transform(image, mask)
-        return image, mask
+    def render(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return render_mosaic(g, self.num_classes, self.image_size, self.max_regions, self.color_jitter, self.folder)
 
 
 class PhotoTexturesDataModule(SegmentationDataModule):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as nnf
 from torch.utils.data import Dataset
 
-from .base import SegmentationDataModule, check_positive
+from .base import SeededItems, SegmentationDataModule, check_positive
 from .transforms import SegmentationTransform
 
 _KINDS = ("hstripes", "vstripes", "checker", "dots", "dstripes", "grid", "diamond")
@@ -30,20 +30,6 @@ TEXTURES: tuple[tuple[str, int], ...] = tuple(
 )
 MAX_CLASSES = len(TEXTURES) + 1
 _SHAPES = ("ellipse", "rectangle", "polygon")
-_SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
-_MASK64 = (1 << 64) - 1
-
-
-def item_seed(seed: int, split: str, index: int) -> int:
-    """A well-mixed 63-bit seed for one item (splitmix64 over seed, split and index)."""
-    h = 0x9E3779B97F4A7C15
-    for value in (seed, _SPLIT_IDS[split], index):
-        h = ((h ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h >> 1
-
-
 def _rand(g: torch.Generator, low: float = 0.0, high: float = 1.0, shape: tuple = ()) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=g)
 
@@ -136,7 +122,7 @@ def render_scene(
     return image.clamp_(0, 1), mask
 
 
-class SyntheticScenesDataset(Dataset):
+class SyntheticScenesDataset(SeededItems):
     """``length`` scenes of one split; item ``i`` depends only on ``(seed, split, i)``.
 
     Args:
@@ -159,23 +145,11 @@ class SyntheticScenesDataset(Dataset):
         seed: int = 0,
         transform: SegmentationTransform | None = None,
     ) -> None:
-        if split not in _SPLIT_IDS:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
-        self.split, self.length, self.seed = split, length, seed
+        super().__init__(split, length, seed, transform)
         self.num_classes, self.image_size, self.max_objects = num_classes, tuple(image_size), max_objects
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.split, index))
-        image, mask = render_scene(g, self.num_classes, self.image_size, self.max_objects)
-        if self.transform is not None:
-            return self.transform(image, mask)
-        return image, mask
+    def render(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return render_scene(g, self.num_classes, self.image_size, self.max_objects)
 
 
 class SyntheticScenesDataModule(SegmentationDataModule):
