@@ -15,11 +15,11 @@ from lightning_segcompress.callbacks._training import load_lr_schedule_state, lr
 from lightning_segcompress.callbacks._validation import validation_miou
 from lightning_segcompress.callbacks.protocol import CompressionEvent, CompressionProducer, run_plan_filters
 from lightning_segcompress.pruning import PruningError, PruningSchedule, prune_with_history
-from lightning_segcompress.pruning.budget import MiouBudget, restore, restore_point
-from lightning_segcompress.pruning.graph import _restore, _snapshot
+from lightning_segcompress.pruning.budget import MiouBudget, restore_point
 from lightning_segcompress.pruning.latency_model import LatencyModel
 from lightning_segcompress.pruning.pruner import Pruner, describe_step
 from lightning_segcompress.pruning.search import check_supported
+from lightning_segcompress.utils import rollback
 from lightning_segcompress.utils.inspection import example_input, select_modules
 from lightning_segcompress.utils.shapes import checked_input_size
 
@@ -313,14 +313,14 @@ class StructuredPruning(CompressionProducer):
         if "error" not in payload:
             if self.budget is not None:
                 self._restore_point = restore_point(network)
-            rollback = _snapshot(network)
+            before = rollback.snapshot(network)
 
             def apply() -> nn.Module:
                 prune_with_history(network, payload["history"], example)
                 return network
 
             try:
-                event = self.compress(trainer, pl_module, network, apply, lambda: _restore(network, rollback),
+                event = self.compress(trainer, pl_module, network, apply, lambda: rollback.restore(network, before),
                                       step=step, plan=payload["history"], bn_batches=self.bn_batches)
             except Exception as err:  # noqa: BLE001 - reported below, the network is already restored
                 payload = {"error": f"{type(err).__name__}: {err}"}
@@ -381,13 +381,14 @@ class StructuredPruning(CompressionProducer):
                            "the network since. The schedule stops here.")
             return
         network = self.network(pl_module)
-        point, current = self._restore_point, _snapshot(network)
+        point, current = self._restore_point, rollback.snapshot(network)
+
         def apply() -> nn.Module:
-            restore(network, point)
+            rollback.restore(network, point)
             return network
 
-        self.compress(trainer, pl_module, network, apply, lambda: _restore(network, current), step=step, plan=[],
-                      bn_batches=self.bn_batches)
+        self.compress(trainer, pl_module, network, apply, lambda: rollback.restore(network, current), step=step,
+                      plan=[], bn_batches=self.bn_batches)
         kept = self.budget.kept_fraction()
         self.records.append({"step": step, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                              "undone": True, "miou_drop_points": check["drop_points"],

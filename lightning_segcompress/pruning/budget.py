@@ -10,33 +10,17 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from lightning_segcompress.pruning.graph import _restore, _snapshot
+from lightning_segcompress.utils.rollback import restore, snapshot
+
+__all__ = ["MiouBudget", "RestorePoint", "restore", "restore_point"]
 
 RestorePoint = dict[str, dict]
 
 
 def restore_point(network: nn.Module) -> RestorePoint:
-    """Everything needed to put ``network`` back exactly as it is now, even after it was pruned *and trained*:
-    like the rollback snapshot of a step, but parameters and buffers are copied (training updates survivors in
-    place). Costs one copy of the network's weights."""
-    state = _snapshot(network)
-    for attrs in state.values():
-        params = attrs.get("_parameters")
-        if params is not None:
-            for key, p in params.items():
-                if p is not None:
-                    params[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        buffers = attrs.get("_buffers")
-        if buffers is not None:
-            for key, b in buffers.items():
-                if b is not None:
-                    buffers[key] = b.detach().clone()
-    return state
-
-
-def restore(network: nn.Module, point: RestorePoint) -> None:
-    """Put ``network`` back to ``point`` (architecture, weights, buffers and compression state)."""
-    _restore(network, point)
+    """Everything needed to put ``network`` back exactly as it is now, even after it was pruned *and trained*
+    (architecture, weights, buffers and compression state); costs one copy of the network's weights."""
+    return snapshot(network, copy_weights=True)
 
 
 @dataclass

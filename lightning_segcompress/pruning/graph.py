@@ -7,7 +7,6 @@ shapes exactly, which is how checkpoints restore without pickling modules and ho
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from lightning_segcompress.utils.inspection import count_macs, count_params, output_tensors
 from lightning_segcompress.utils.precision import autocast_disabled
+from lightning_segcompress.utils.rollback import restore, snapshot
 
 History = list[list]  # [[module_name: str, is_out_channels: bool, indices: list[int]], ...]
 METRICS = ("macs", "params", "channels")
@@ -103,7 +103,7 @@ def replay_history(network: nn.Module, history: History, example: torch.Tensor) 
     """
     if not history:
         return
-    snapshot = _snapshot(network)
+    before = snapshot(network)
     requires_grad = {name: p.requires_grad for name, p in network.named_parameters()}
     try:
         with torch.no_grad():
@@ -120,7 +120,7 @@ def replay_history(network: nn.Module, history: History, example: torch.Tensor) 
             p.requires_grad_(requires_grad.get(name, True))
         _check_forward(network, example, expected)
     except Exception as err:
-        _restore(network, snapshot)
+        restore(network, before)
         if isinstance(err, PruningError):
             raise
         raise PruningError(f"pruning failed and was rolled back: {type(err).__name__}: {err}") from err
@@ -173,39 +173,6 @@ def _submodule(network: nn.Module, name: str) -> nn.Module:
     except AttributeError as err:
         raise PruningError(f"the pruning history names layer {name!r}, which {type(network).__name__} does not "
                            "have: the checkpoint was made with a different architecture.") from err
-
-
-def _snapshot(network: nn.Module) -> dict[str, dict]:
-    """Shallow copy of every module's attributes. torch-pruning swaps in new Parameter/buffer objects and
-    rewrites attributes such as ``out_channels``; it never mutates the old tensors, so this is enough to undo."""
-    state = {}
-    for name, module in network.named_modules():
-        attrs = dict(module.__dict__)
-        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-            if key in attrs:
-                attrs[key] = type(attrs[key])(attrs[key])
-        state[name] = attrs
-    return state
-
-
-def _restore(network: nn.Module, snapshot: dict[str, dict]) -> None:
-    modules = dict(network.named_modules())
-    for name, attrs in snapshot.items():
-        module = modules.get(name)
-        if module is not None:
-            module.__dict__.clear()
-            module.__dict__.update(attrs)
-
-
-@contextlib.contextmanager
-def atomic(network: nn.Module):
-    """Run a block that modifies ``network``; if it raises, the network is restored exactly."""
-    snapshot = _snapshot(network)
-    try:
-        yield
-    except BaseException:
-        _restore(network, snapshot)
-        raise
 
 
 def layer_widths(network: nn.Module) -> dict[str, int]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_segcompress.pruning.graph import History, PruningError, _restore, _snapshot, replay_history
+from lightning_segcompress.pruning.graph import History, PruningError, replay_history
 from lightning_segcompress.utils.batchnorm import batchnorm_buffers, restore_batchnorm_buffers
+from lightning_segcompress.utils.rollback import restore, snapshot
 
 Evaluator = Callable[[nn.Module], float]
 
@@ -64,12 +65,12 @@ def group_costs(network: nn.Module, step: History, evaluate: Evaluator, example:
 
     result = PostPruningResult(baseline=score())
     for entry in step:
-        restore_point = _snapshot(network)
+        restore_point = snapshot(network)
         try:
             replay_history(network, [entry], example)
             cost = (result.baseline - score()) * 100
         finally:
-            _restore(network, restore_point)
+            restore(network, restore_point)
         undone = cost > max_miou_drop
         result.groups.append(GroupCost(layer=entry[0], channels=len(entry[2]), cost=cost, undone=undone))
         if not undone:

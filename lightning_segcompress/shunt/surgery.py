@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,7 @@ from lightning_segcompress.shunt.architecture import Shunt, downsamples_between,
 from lightning_segcompress.shunt.blocks import Block, ShuntError
 from lightning_segcompress.state import get_stages, set_stage
 from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, forward_with_hooks
+from lightning_segcompress.utils.rollback import atomic
 
 STAGE_KIND = "shunt"
 
@@ -81,20 +82,9 @@ def plan_shunt(blocks: Sequence[Block], variant: str = "arch1", widths: list[lis
                      sum(b.macs for b in blocks) - count_macs(shunt, example))
 
 
-@contextlib.contextmanager
-def restored_on_failure(network: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    originals = {name: network.get_submodule(name) for name in names}
-    stages = getattr(network, "_segcompress_stages", None)
-    try:
-        yield
-    except BaseException:
-        for name, module in originals.items():
-            _set_module(network, name, module)
-        if stages is None:
-            network.__dict__.pop("_segcompress_stages", None)
-        else:
-            network._segcompress_stages = stages
-        raise
+def restored_on_failure(network: nn.Module, names: Sequence[str]) -> contextlib.AbstractContextManager:
+    """The splice of ``names`` is undone (blocks and recorded stages) if the block raises."""
+    return atomic(network)
 
 
 def _set_module(network: nn.Module, name: str, module: nn.Module) -> None:

@@ -18,9 +18,9 @@ from lightning_segcompress.callbacks import (
     ShuntReplacement,
     StructuredPruning,
 )
-from lightning_segcompress.pruning.graph import _restore, _snapshot
 from lightning_segcompress.pruning.post_pruning import group_costs
 from lightning_segcompress.utils.batchnorm import BatchNormError, reestimate_batchnorm
+from lightning_segcompress.utils.rollback import restore, snapshot
 from support.common import trainer_kwargs
 
 # ---- the core algorithm ---------------------------------------------------------------------------------------
@@ -82,11 +82,11 @@ def test_a_network_in_eval_mode_stays_in_eval_mode():
 def test_old_statistics_tensors_are_never_written_so_a_snapshot_restores_them():
     network = _stem().eval()
     old_mean, old_copy = network[1].running_mean, network[1].running_mean.clone()
-    snapshot = _snapshot(network)
+    before = snapshot(network)
     reestimate_batchnorm(network, _images())
     assert not torch.equal(network[1].running_mean, old_copy)
     torch.testing.assert_close(old_mean, old_copy)
-    _restore(network, snapshot)
+    restore(network, before)
     assert network[1].running_mean is old_mean
 
 
