@@ -386,7 +386,7 @@ def row_callbacks(args, row: str, recovery: int, base: str | None = None) -> tup
     if row in ("post", "post_bn"):
         bn = row == "post_bn"
         return [pruning(args, **({} if bn else {"bn_batches": 0})),
-                PostPruning(max_miou_drop=0.5, eval_batches=8, bn_batches=8 if bn else 0)], lr
+                PostPruning(max_group_miou_drop=0.5, eval_batches=8, bn_batches=8 if bn else 0)], lr
     if row == "budget":
         return [pruning(args, **budget_schedule(recovery), max_miou_drop=1.0, eval_batches=None)], lr
     if row == "int8":

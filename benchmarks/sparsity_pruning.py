@@ -76,7 +76,7 @@ def compressed_run(args, spec, weights, seed, root, method, kd, post_pruning) ->
     callbacks.append(StructuredPruning(amount=args.amount, target="macs",
                                        importance="l2" if method is None else "bn_scale",
                                        start_epoch=args.sparse_epochs, input_size=[args.size, args.size]))
-    post = PostPruning(tolerance=args.tolerance, eval_batches=args.num_val // args.batch_size,
+    post = PostPruning(max_group_miou_drop=args.tolerance, eval_batches=args.num_val // args.batch_size,
                        input_size=[args.size, args.size]) if post_pruning else None
     if post is not None:
         callbacks.append(post)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -262,12 +262,16 @@ def _kept_fraction(reference: dict[str, int], widths: dict[str, int]) -> float |
 
 
 def samples_figure(images: torch.Tensor, masks: torch.Tensor | None, predictions: Mapping[str, torch.Tensor],
-                   num_classes: int, ignore_index: int = 255):
+                   num_classes: int | None = None, ignore_index: int = 255):
     """A grid with one row per image: the image, the ground truth and each labelled prediction (class maps
-    ``[N, H, W]``); ``None`` without matplotlib."""
+    ``[N, H, W]``; ``num_classes`` default: the highest class shown + 1); ``None`` without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return None
+    if num_classes is None:
+        labels = masks[masks != ignore_index] if masks is not None else torch.empty(0)
+        highest = [int(p.max()) for p in predictions.values()] + ([int(labels.max())] if labels.numel() else [])
+        num_classes = 1 + max(highest, default=0)
     from matplotlib.colors import ListedColormap
 
     colours = plt.get_cmap("tab20" if num_classes > 10 else "tab10").colors[:max(num_classes, 1)]
@@ -397,3 +401,42 @@ def predicted_classes(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if logits.shape[-2:] != images.shape[-2:]:
         logits = nn.functional.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return logits.argmax(1).cpu()
+
+
+def write_report_with_figures(output_dir: str | Path, stages: Mapping[str, dict], settings: Mapping,
+                              class_names: Sequence[str] | None = None, samples: object | None = None,
+                              on_figure: Callable[[str, object], None] | None = None) -> dict[str, Path]:
+    """:func:`write_compression_report` with its standard figures (mIoU vs latency and vs size, channels per
+    layer, and ``samples`` where given); ``on_figure(name, figure)`` sees each figure before it is closed."""
+    import matplotlib.pyplot as plt
+
+    figures = {"miou_vs_latency": tradeoff_figure(stages, "median_ms"),
+               "miou_vs_size": tradeoff_figure(stages, "size_mb"), "channels_per_layer": channels_figure(stages)}
+    if samples is not None:
+        figures["samples"] = samples
+    paths = write_compression_report(output_dir, stages, settings, figures, class_names)
+    for name, figure in figures.items():
+        if figure is None:
+            continue
+        if on_figure is not None:
+            on_figure(name, figure)
+        figure.clear()
+        plt.close(figure)
+    return paths
+
+
+def check_bootstrap_resamples(resamples: object) -> None:
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or (resamples != 0 and resamples < 100):
+        raise ValueError(f"bootstrap_resamples must be 0 (no interval) or an int >= 100 (a percentile interval from "
+                         f"fewer resamples is noise), got {resamples!r}.")
+
+
+def add_accuracy_statistics(stages: dict[str, dict], confusions: Mapping[str, torch.Tensor], resamples: int,
+                            ignore_index: int = 255) -> None:
+    """Give every stage its mIoU change against the baseline (the first scored stage without one; paired bootstrap)
+    and its IoU per class, in place."""
+    scored = [name for name, content in stages.items() if content.get("miou") is not None]
+    reference = "baseline" if "baseline" in stages else next(iter(scored), None)
+    statistics = accuracy_statistics(confusions, resamples, ignore_index=ignore_index, reference=reference)
+    for name, content in stages.items():
+        content.update(statistics.get(name, {"miou_change": None, "per_class_iou": None}))

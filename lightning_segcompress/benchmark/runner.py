@@ -167,6 +167,27 @@ def benchmark_network(network: nn.Module, settings: BenchmarkSettings, output_di
     return report
 
 
+@dataclass(frozen=True)
+class TilingSettings:
+    """Tiled inference to measure: ``grids`` (``[rows, columns]`` each) and :class:`TiledInference`'s options."""
+
+    grids: tuple[tuple[int, int], ...] = ()
+    split_after: str | None = None
+    tail: bool = True
+    max_stride: int | None = 8
+
+    def __post_init__(self) -> None:
+        grids = tuple(tuple(int(g) for g in grid) for grid in (self.grids or ()))
+        if any(len(grid) != 2 or min(grid) < 1 for grid in grids):
+            raise ValueError(f"tile_grids must be a list of [rows, columns] with positive ints, got {self.grids}.")
+        if self.max_stride is not None and self.max_stride < 1:
+            raise ValueError(f"tile_max_stride must be >= 1 or None (no limit), got {self.max_stride}.")
+        object.__setattr__(self, "grids", grids)
+
+    def options(self) -> dict:
+        return {"split_after": self.split_after, "tail": self.tail, "max_stride": self.max_stride}
+
+
 def benchmark_tiled(network: nn.Module, grid: Sequence[int], settings: BenchmarkSettings, output_dir: str | Path,
                     **tiling) -> dict:
     """:func:`benchmark_network` for ``network`` under :class:`TiledInference` (``tiling``: its keyword options),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,16 +20,17 @@ from lightning_segcompress.benchmark import (
 )
 from lightning_segcompress.benchmark.accuracy import EvalSet
 from lightning_segcompress.benchmark.compression_report import (
-    accuracy_statistics,
-    channels_figure,
+    add_accuracy_statistics,
+    check_bootstrap_resamples,
     compression_table,
     conv_widths,
     predicted_classes,
     samples_figure,
-    tradeoff_figure,
-    write_compression_report,
+    write_report_with_figures,
 )
 from lightning_segcompress.benchmark.report import add_stage, flat_metrics
+from lightning_segcompress.benchmark.runner import TilingSettings
+from lightning_segcompress.callbacks._input_size import training_input_size
 from lightning_segcompress.callbacks._validation import labelled_validation_batches
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
 from lightning_segcompress.export.bundle import (
@@ -91,7 +93,10 @@ class DeviceBenchmark(CompressionCallback):
 
     Args:
         input_size: ``[H, W]`` of the benchmark input (as everywhere in this package; ``[N, C, H, W]`` is a
-            deprecated spelling).
+            deprecated spelling). The default ``[512, 512]`` is a deployment size, not the training batches': a
+            benchmark measures what the deployed model will be fed, and its results stay comparable between runs and
+            recipes whatever the training crops. ``None``: the size of the fit's training batches, as in the other
+            callbacks (read at fit start).
         batch_size: batch size of the benchmark input.
         runtimes: any of ``"eager"``, ``"torchscript_lite"``, ``"executorch"``, ``"onnxruntime"`` (alias
             ``"onnx"``) or a runtime registered with
@@ -149,7 +154,7 @@ class DeviceBenchmark(CompressionCallback):
 
     def __init__(
         self,
-        input_size: list[int] | tuple[int, ...] = (512, 512),
+        input_size: list[int] | tuple[int, ...] | None = (512, 512),
         batch_size: int = 1,
         runtimes: list[str] | tuple[str, ...] = ("eager", "torchscript_lite", "executorch"),
         threads: int | None = None,
@@ -182,17 +187,14 @@ class DeviceBenchmark(CompressionCallback):
         atol = self.take_renamed("tolerance", "atol", tolerance, atol, 1e-3)
         if isinstance(runtimes, str):
             runtimes = [runtimes]
+        self._size_from_batches = input_size is None  # resolved at fit start; the default's shape until then
         self.settings = BenchmarkSettings(
-            input_shape=input_shape(input_size, batch_size, owner="DeviceBenchmark"), runtimes=tuple(runtimes),
+            input_shape=input_shape((512, 512) if input_size is None else input_size, batch_size,
+                                    owner="DeviceBenchmark"), runtimes=tuple(runtimes),
             threads=threads, warmup=warmup, runs=runs, tolerance=atol, isolate=isolate, memory=memory,
             profile=profile, max_miou_gap=max_miou_gap,
         )
-        self.tile_grids = [[int(g) for g in grid] for grid in (tile_grids or [])]
-        if any(len(grid) != 2 or min(grid) < 1 for grid in self.tile_grids):
-            raise ValueError(f"tile_grids must be a list of [rows, columns] with positive ints, got {tile_grids}.")
-        if tile_max_stride is not None and tile_max_stride < 1:
-            raise ValueError(f"tile_max_stride must be >= 1 or None (no limit), got {tile_max_stride}.")
-        self.tiling = {"split_after": split_after, "tail": tile_tail, "max_stride": tile_max_stride}
+        self.tiling = TilingSettings(tile_grids or (), split_after, tile_tail, tile_max_stride)
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0 (0 = never), got {every_n_epochs}.")
         self.output_dir = output_dir
@@ -201,10 +203,7 @@ class DeviceBenchmark(CompressionCallback):
         self.every_n_epochs = every_n_epochs
         if eval_batches is not None and eval_batches < 0:
             raise ValueError(f"eval_batches must be >= 0 (0 = no accuracy, None = all), got {eval_batches}.")
-        if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or \
-                (bootstrap_resamples != 0 and bootstrap_resamples < 100):
-            raise ValueError(f"bootstrap_resamples must be 0 (no interval) or an int >= 100 (a percentile interval "
-                             f"from fewer resamples is noise), got {bootstrap_resamples!r}.")
+        check_bootstrap_resamples(bootstrap_resamples)
         if samples < 0:
             raise ValueError(f"samples must be >= 0, got {samples}.")
         self.network_attribute = network_attribute
@@ -232,8 +231,17 @@ class DeviceBenchmark(CompressionCallback):
         return content["report"] if content else None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._size_from_batches:  # every rank, before anything is measured (on rank 0 alone)
+            self._take_input_size(trainer, pl_module)
         if self.measure_at_fit_start and "baseline" not in self.stages:  # a resumed run keeps its baseline
             self.measure(trainer, pl_module, "baseline")
+
+    def _take_input_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule, synchronize: bool = True) -> None:
+        """``input_size=None``: measure at the fit's training batches' ``[H, W]`` ([512, 512] where it has none)."""
+        size = training_input_size(trainer, pl_module, "DeviceBenchmark", default=(512, 512), synchronize=synchronize)
+        n, c = self.settings.input_shape[:2]
+        self.settings = dataclasses.replace(self.settings, input_shape=(n, c, *size))
+        self._size_from_batches = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -260,7 +268,7 @@ class DeviceBenchmark(CompressionCallback):
                 self._reference_predictions = self._sample_predictions(trainer, event.network)
                 if "baseline" in self.stages:  # measured at fit start: same architecture, now trained
                     self.stages["baseline"]["miou"] = self._score(trainer, "baseline", event.network)
-                    self._update_accuracy_statistics()
+                    add_accuracy_statistics(self.stages, self.confusions, self.bootstrap_resamples, self.ignore_index)
                     return
             self.measure(trainer, pl_module, "baseline" if finished is None else f"after_{finished}",
                          network=event.network)
@@ -271,6 +279,8 @@ class DeviceBenchmark(CompressionCallback):
         ``tile_grids``) and score it on the validation data; returns the report (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
+        if self._size_from_batches:  # measured outside a fit's start (rank 0 alone here)
+            self._take_input_size(trainer, pl_module, synchronize=False)
         output_dir = self.run_dir(trainer, "benchmark")
         network = network if network is not None else self.network(pl_module)
         batches = self._validation_batches(trainer)
@@ -283,12 +293,12 @@ class DeviceBenchmark(CompressionCallback):
         if miou is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"benchmark/{stage}/val_miou": miou}, step=trainer.global_step)
-        self._update_accuracy_statistics()
-        tile_grids = [] if has_int8_modules(network) else self.tile_grids  # int8 FX modules cannot be traced
+        add_accuracy_statistics(self.stages, self.confusions, self.bootstrap_resamples, self.ignore_index)
+        tile_grids = () if has_int8_modules(network) else self.tiling.grids  # int8 FX modules cannot be traced
         for rows, cols in tile_grids:
             name = f"{stage}_tiled_{rows}x{cols}"
             self._record(trainer, name, benchmark_tiled, network, (rows, cols), self.settings, output_dir / name,
-                         **self.tiling)
+                         **self.tiling.options())
         write_report(output_dir, self.stages, self.settings.as_dict())
         rank_zero_info(f"\nDeviceBenchmark ({output_dir}):\n{markdown_table(self.stages)}\n\n"
                        f"{memory_table(self.stages)}\n")
@@ -297,6 +307,8 @@ class DeviceBenchmark(CompressionCallback):
     def write_artifacts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict]:
         """The final network's bundle (file + ``model.json``) per exported runtime under ``<output_dir>/artifact``;
         returns the metadata per runtime written (failures are warned about and left out)."""
+        if self._size_from_batches:  # rank 0 alone here
+            self._take_input_size(trainer, pl_module, synchronize=False)
         output_dir = self.run_dir(trainer, "benchmark")
         network = self.network(pl_module)
         datamodule = getattr(trainer, "datamodule", None)
@@ -389,34 +401,18 @@ class DeviceBenchmark(CompressionCallback):
         self.confusions[stage] = confusion
         return miou_from_confusion(confusion, self.ignore_index)
 
-    def _update_accuracy_statistics(self) -> None:
-        """Each scored stage's mIoU change against the baseline (paired bootstrap) and IoU per class."""
-        scored = [name for name, content in self.stages.items() if content.get("miou") is not None]
-        reference = "baseline" if "baseline" in self.stages else next(iter(scored), None)
-        statistics = accuracy_statistics(self.confusions, self.bootstrap_resamples, ignore_index=self.ignore_index,
-                                         reference=reference)
-        for name, content in self.stages.items():
-            content.update(statistics.get(name, {"miou_change": None, "per_class_iou": None}))
-
     def write_compression_report_files(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Write the compression report and its figures to ``output_dir`` (and TensorBoard); returns the paths."""
-        output_dir = self.run_dir(trainer, "benchmark")
-        figures = {"miou_vs_latency": tradeoff_figure(self.stages, "median_ms"),
-                   "miou_vs_size": tradeoff_figure(self.stages, "size_mb"),
-                   "channels_per_layer": channels_figure(self.stages)}
-        if self.samples:
-            figures["samples"] = self._samples_figure(trainer, pl_module)
-        class_names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-        paths = write_compression_report(output_dir, self.stages, self.settings.as_dict(), figures, class_names)
-        for name, figure in figures.items():
-            if figure is None:
-                continue
+        def to_tensorboard(name: str, figure) -> None:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_figure(f"compression/{name}", figure, global_step=trainer.global_step,
                                                  close=False)
-            figure.clear()
-            _close(figure)
+
+        samples = self._samples_figure(trainer, pl_module) if self.samples else None
+        class_names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        paths = write_report_with_figures(self.run_dir(trainer, "benchmark"), self.stages, self.settings.as_dict(),
+                                          class_names, samples, on_figure=to_tensorboard)
         rank_zero_info(f"\nCompression report ({paths['markdown']}):\n{compression_table(self.stages)}\n")
         return paths
 
@@ -439,10 +435,7 @@ class DeviceBenchmark(CompressionCallback):
         if self._reference_predictions is not None:
             predictions["before compression"] = self._reference_predictions
         predictions["final"] = predicted_classes(self.network(pl_module), images)
-        labels = masks[masks != self.ignore_index]
-        highest = [int(p.max()) for p in predictions.values()] + ([int(labels.max())] if labels.numel() else [])
-        classes = 1 + max(highest)
-        return samples_figure(images, masks, predictions, classes, self.ignore_index)
+        return samples_figure(images, masks, predictions, ignore_index=self.ignore_index)
 
     def progress_state(self) -> dict[str, Any]:
         return {"stages": self.stages, "technique": self.technique, "confusions": self.confusions}
@@ -451,9 +444,3 @@ class DeviceBenchmark(CompressionCallback):
         self.stages = dict(state.get("stages", {}))
         self.technique = state.get("technique")
         self.confusions = dict(state.get("confusions", {}))
-
-
-def _close(figure) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)

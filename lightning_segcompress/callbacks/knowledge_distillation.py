@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from lightning_segcompress.callbacks._ddp import average_gradients, broadcast_from_rank_zero
+from lightning_segcompress.callbacks._input_size import training_input_size
 from lightning_segcompress.callbacks._training import (
     install_extra_parameters,
     install_loss_term,
@@ -83,7 +84,8 @@ class KnowledgeDistillation(CompressionCallback):
         alpha: factor on the module's own loss.
         ignore_index: label ignored by ``ace``, ``ifvd`` and ``cirkd_region`` and masked out of ``pixel_kl``.
         teacher_autocast: run the teacher under autocast (bfloat16 on CPU, float16 on CUDA).
-        input_size: ``[H, W]`` of the example used to check student and teacher at fit start.
+        input_size: ``[H, W]`` of the example used to check student and teacher at fit start (and after each
+            compression step, with hints); ``None`` (default): the size of the fit's training batches.
         network_attribute: the student network's attribute path in the LightningModule (default: found).
         output_dir: where a snapshot teacher is saved (default ``<log dir>/distillation``).
 
@@ -134,7 +136,7 @@ class KnowledgeDistillation(CompressionCallback):
         self.alpha = alpha
         self.ignore_index = ignore_index
         self.teacher_autocast = teacher_autocast
-        self.input_size = checked_input_size(input_size)
+        self.input_size = checked_input_size(input_size)  # None: the training batches' size, read at setup
         self.network_attribute = network_attribute
         self.output_dir = output_dir
         self.distiller: Distiller | None = None
@@ -150,6 +152,8 @@ class KnowledgeDistillation(CompressionCallback):
         if stage != "fit":
             return
         student = self.network(pl_module)
+        if self.input_size is None:
+            self.input_size = training_input_size(trainer, pl_module, "KnowledgeDistillation")
         example = example_input(student, size=tuple(self.input_size))
         if self.teacher == "snapshot":
             # a resumed fit rebuilds its teacher on the network as built, before the checkpoint's stages are replayed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,9 +12,11 @@ from torch import nn
 
 from lightning_segcompress.callbacks._batchnorm import checked_bn_batches
 from lightning_segcompress.callbacks._ddp import broadcast_from_rank_zero
+from lightning_segcompress.callbacks._input_size import training_input_size
 from lightning_segcompress.callbacks.protocol import CompressionProducer
 from lightning_segcompress.quantization import (
     QuantizationConfig,
+    QuantizationError,
     calibrate,
     convert_network,
     freeze_batchnorm,
@@ -25,7 +28,8 @@ from lightning_segcompress.quantization import (
 from lightning_segcompress.quantization.quantize import KIND
 from lightning_segcompress.state import network_path, replace_network
 from lightning_segcompress.utils.batch import split_batch
-from lightning_segcompress.utils.shapes import checked_input_size
+from lightning_segcompress.utils.inspection import select_modules
+from lightning_segcompress.utils.shapes import FALLBACK_INPUT_SIZE, checked_input_size
 
 
 class QuantizationCallback(CompressionProducer):
@@ -39,14 +43,18 @@ class QuantizationCallback(CompressionProducer):
     kind = KIND
     stage_applier = "lightning_segcompress.quantization.state:apply_stage"
 
-    def __init__(self, backend: str, engine: str, keep_float: list[str] | None, per_channel: bool,
+    def __init__(self, backend: str, engine: str, ignored_layers: list[str] | None, per_channel: bool,
                  input_size: list[int] | None, monitor: str, network_attribute: str | None,
-                 bn_batches: int = 32) -> None:
+                 bn_batches: int = 32, ignored_argument: str = "ignored_layers") -> None:
         self.bn_batches = checked_bn_batches(bn_batches, type(self).__name__)
-        input_size = checked_input_size(input_size)
+        # None: the training batches' size, read when the network is prepared (the config's example until then)
+        self.input_size = checked_input_size(input_size)
         self.config = QuantizationConfig(backend=backend, engine=engine, qat=self.qat, per_channel=per_channel,
-                                         example_shape=(2, 3, *input_size))  # validates backend and engine
-        self.keep_float_patterns = list(keep_float or [])
+                                         example_shape=(2, 3, *(self.input_size or FALLBACK_INPUT_SIZE)))
+        if isinstance(ignored_layers, str):
+            ignored_layers = [ignored_layers]
+        self.ignored_patterns = list(ignored_layers or [])
+        self._ignored_argument = ignored_argument  # the spelling errors name: the one the user gave
         self.monitor = monitor
         self.network_attribute = network_attribute
         self.pre_int8_metric: float | None = None  # last validation ``monitor`` before conversion
@@ -57,9 +65,17 @@ class QuantizationCallback(CompressionProducer):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         network = self.network(pl_module)
         if quantization_stage(network) is None:  # names refer to the float network
-            keep_float = resolve_keep_float(network, self.keep_float_patterns)
+            select_modules(network, self.ignored_patterns, self._ignored_argument, QuantizationError)
+            keep_float = resolve_keep_float(network, self.ignored_patterns)
             self.config = QuantizationConfig.from_dict({**self.config.as_dict(), "keep_float": keep_float})
         super().setup(trainer, pl_module, stage)
+
+    @property
+    def keep_float_patterns(self) -> list[str]:
+        """Deprecated name of :attr:`ignored_patterns`."""
+        warnings.warn(f"{type(self).__name__}.keep_float_patterns is deprecated and will be removed in the next "
+                      "release; read ignored_patterns.", FutureWarning, stacklevel=2)
+        return self.ignored_patterns
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(pl_module)
@@ -106,6 +122,10 @@ class QuantizationCallback(CompressionProducer):
         on failure the module keeps its float network (the error names the module and the fix)."""
         network = self.network(pl_module)
         path = network_path(pl_module, network)
+        if self.input_size is None:  # every rank prepares together
+            self.input_size = training_input_size(trainer, pl_module, type(self).__name__)
+            self.config = QuantizationConfig.from_dict({**self.config.as_dict(),
+                                                        "example_shape": [2, 3, *self.input_size]})
         def apply() -> nn.Module:
             prepared = prepare_network(network, self.config)  # raises before anything was replaced
             replace_network(pl_module, path, prepared)
@@ -184,15 +204,17 @@ class QuantizationAwareTraining(QuantizationCallback):
         freeze_bn_epoch: from this epoch on, BN running statistics stop updating (None: never).
         freeze_observer_epoch: from this epoch on, quantization ranges stay fixed (None: never); after
             ``start_epoch``, so that the observers see data first.
-        keep_float: module names (or regexes) left in float; with FX they are not traced either, which is the
-            fix for modules torch.fx cannot trace.
+        ignored_layers: module names (or regexes, full match) left alone: kept in float; with FX they are not
+            traced either, which is the fix for modules torch.fx cannot trace.
         per_channel: per-channel weight scales (PT2E/XNNPACK).
-        input_size: ``[H, W]`` of the example used for tracing.
+        input_size: ``[H, W]`` of the example used for tracing; ``None`` (default): the size of the fit's training
+            batches (read when the network is prepared).
         monitor: validation metric reported for the fake-quant model next to the int8 one.
         network_attribute: attribute path of the network in the LightningModule (default: found).
         bn_batches: training batches on which the float network's BatchNorm statistics are re-estimated right
             before it is prepared (e.g. after pruning or a shunt changed it), so fake quantization starts from
             statistics of this network; 0 disables.
+        keep_float: deprecated spelling of ``ignored_layers``.
 
     Example::
 
@@ -212,13 +234,16 @@ class QuantizationAwareTraining(QuantizationCallback):
         start_epoch: int = 0,
         freeze_bn_epoch: int | None = None,
         freeze_observer_epoch: int | None = None,
-        keep_float: list[str] | None = None,
+        ignored_layers: list[str] | None = None,
         per_channel: bool = True,
         input_size: list[int] | None = None,
         monitor: str = "val_miou",
         network_attribute: str | None = None,
         bn_batches: int = 32,
+        keep_float: list[str] | None = None,
     ) -> None:
+        argument = "keep_float" if keep_float is not None else "ignored_layers"
+        ignored_layers = self.take_renamed("keep_float", "ignored_layers", keep_float, ignored_layers, None)
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}.")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -227,8 +252,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         if freeze_observer_epoch is not None and freeze_observer_epoch == start_epoch:
             raise ValueError(f"freeze_observer_epoch ({freeze_observer_epoch}) equals start_epoch: the observers would "
                              "be frozen before they saw any data. Set it to a later epoch, or null.")
-        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute,
-                         bn_batches)
+        super().__init__(backend, engine, ignored_layers, per_channel, input_size, monitor, network_attribute,
+                         bn_batches, argument)
         self.start_epoch = start_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.freeze_observer_epoch = freeze_observer_epoch
@@ -255,8 +280,9 @@ class PostTrainingQuantization(QuantizationCallback):
 
     With ``max_epochs`` already reached (or ``max_epochs=0``) no training runs and only calibration does, e.g.
     ``segcompress fit --config trained.yaml --ckpt_path last.ckpt`` with this callback appended. Arguments as
-    :class:`QuantizationAwareTraining`, without the training schedule; ``bn_batches`` re-estimates the BatchNorm
-    statistics before calibration.
+    :class:`QuantizationAwareTraining`, without the training schedule (``ignored_layers`` left in float, ``keep_float``
+    its deprecated spelling; ``input_size=None``: the training batches' size); ``bn_batches`` re-estimates the
+    BatchNorm statistics before calibration.
 
     Example::
 
@@ -268,12 +294,15 @@ class PostTrainingQuantization(QuantizationCallback):
     pre_int8_label = "float"
 
     def __init__(self, backend: str = "pt2e", engine: str = "x86", calibration_batches: int = 16,
-                 keep_float: list[str] | None = None, per_channel: bool = True, input_size: list[int] | None = None,
-                 monitor: str = "val_miou", network_attribute: str | None = None, bn_batches: int = 32) -> None:
+                 ignored_layers: list[str] | None = None, per_channel: bool = True,
+                 input_size: list[int] | None = None, monitor: str = "val_miou", network_attribute: str | None = None,
+                 bn_batches: int = 32, keep_float: list[str] | None = None) -> None:
+        argument = "keep_float" if keep_float is not None else "ignored_layers"
+        ignored_layers = self.take_renamed("keep_float", "ignored_layers", keep_float, ignored_layers, None)
         if calibration_batches <= 0:
             raise ValueError(f"calibration_batches must be positive, got {calibration_batches}.")
-        super().__init__(backend, engine, keep_float, per_channel, input_size, monitor, network_attribute,
-                         bn_batches)
+        super().__init__(backend, engine, ignored_layers, per_channel, input_size, monitor, network_attribute,
+                         bn_batches, argument)
         self.calibration_batches = calibration_batches
 
     def _measures_model_to_convert(self, stage: dict | None) -> bool:

@@ -18,6 +18,7 @@ from lightning_segcompress.callbacks._ddp import (
     broadcast_from_rank_zero,
     set_ddp_gradient_sync,
 )
+from lightning_segcompress.callbacks._input_size import training_input_size
 from lightning_segcompress.callbacks._training import install_loss_term, remove_loss_term
 from lightning_segcompress.callbacks._validation import validation_miou
 from lightning_segcompress.callbacks.protocol import CompressionProducer
@@ -86,7 +87,8 @@ class ShuntReplacement(CompressionProducer):
         eval_batches: validation batches (labels needed) for the knowledge quotients and the mIoU before/after
             stage A; ``None``: all.
         ignore_index: label ignored by the mIoU.
-        input_size: ``[H, W]`` of the example used for the block map, MACs and shape checks.
+        input_size: ``[H, W]`` of the example used for the block map, MACs (``target: {macs: ...}``) and shape
+            checks; ``None`` (default): the size of the fit's training batches.
         output_dir: where the report goes (default ``<log dir>/shunt``).
         network_attribute: attribute path of the network in the LightningModule (default: found).
         bn_batches: training batches on which the BatchNorm statistics are re-estimated once the shunt is spliced
@@ -160,7 +162,7 @@ class ShuntReplacement(CompressionProducer):
         self.freeze_before_shunt = freeze_before_shunt
         self.eval_batches = eval_batches
         self.ignore_index = ignore_index
-        self.input_size = checked_input_size(input_size)
+        self.input_size = checked_input_size(input_size)  # None: the training batches' size, read at setup
         self.output_dir = output_dir
         self.network_attribute = network_attribute
 
@@ -189,6 +191,8 @@ class ShuntReplacement(CompressionProducer):
         if not pl_module.automatic_optimization:
             raise ShuntError(f"{type(pl_module).__name__} uses manual optimization; ShuntReplacement replaces the "
                              "training loss in stage A and needs automatic optimization.")
+        if self.input_size is None:
+            self.input_size = training_input_size(trainer, pl_module, "ShuntReplacement")
         network = self.network(pl_module)
         if shunt_stage(network) is None:
             self._check_network(network)

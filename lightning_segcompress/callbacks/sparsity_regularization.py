@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from lightning_segcompress.callbacks.protocol import CompressionCallback, CompressionEvent
@@ -21,7 +22,7 @@ from lightning_segcompress.sparsity import (
     strengths_from_features,
 )
 from lightning_segcompress.utils.inspection import example_input, select_modules
-from lightning_segcompress.utils.shapes import checked_input_size
+from lightning_segcompress.utils.shapes import FALLBACK_INPUT_SIZE, batch_input_size, checked_input_size
 
 FEATURE_METHODS = ("acsl", "cap")
 
@@ -58,7 +59,8 @@ class SparsityRegularization(CompressionCallback):
         budget_resource: ``"macs"`` or ``"params"`` for ``budget``.
         ignored_layers: BN layer names (or regexes) left alone, e.g. the classifier's.
         eps: threshold of the logged sparsity.
-        input_size: ``[H, W]`` of the example used for ``budget`` costs.
+        input_size: ``[H, W]`` of the example used for ``budget`` costs; ``None`` (default): the size of the
+            fit's training batches (the costs are then computed at the first training batch).
         network_attribute: attribute path of the network in the LightningModule (default: found).
 
     Example::
@@ -102,7 +104,7 @@ class SparsityRegularization(CompressionCallback):
         self.budget_resource = budget_resource
         self.ignored_patterns = list(ignored_layers or [])
         self.eps = eps
-        self.input_size = checked_input_size(input_size)
+        self.input_size = checked_input_size(input_size)  # None: the first training batch's size
         self.network_attribute = network_attribute
         self.strengths: dict[str, torch.Tensor] = {}
         self._layers: dict[str, nn.Module] = {}
@@ -129,6 +131,8 @@ class SparsityRegularization(CompressionCallback):
         for name in stale:  # pruned or gone: measured again at the next update
             self.strengths.pop(name)
         if self.method == "budget":
+            if self.input_size is None:  # the costs are computed at the first training batch, at its size
+                return
             example = example_input(network, size=tuple(self.input_size))
             costs = channel_costs(network, self._layers, example, self.budget_resource)
             self.strengths = budget_strengths(self.strength, costs, {n: _channels(m) for n, m in self._layers.items()})
@@ -164,9 +168,26 @@ class SparsityRegularization(CompressionCallback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if self.input_size is None:
+            self._take_input_size(trainer, pl_module, batch)
         missing = any(name not in self.strengths for name in self._layers)
         self._capture = self.method in FEATURE_METHODS and self._active(trainer) and (
             missing or trainer.global_step % self.update_every == 0)
+
+    def _take_input_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """``input_size=None``: the first training batch's ``[H, W]`` (global rank 0's: every rank applies the same
+        strengths)."""
+        try:
+            size = batch_input_size(batch)
+        except TypeError as err:
+            size = None
+            rank_zero_info(f"SparsityRegularization: input_size=None is the [H, W] of the fit's training batches, but "
+                           f"the batch holds no image tensor ({err}); using input_size={list(FALLBACK_INPUT_SIZE)}.")
+        if trainer.world_size > 1:
+            size = trainer.strategy.broadcast(size, src=0)
+        self.input_size = list(size or FALLBACK_INPUT_SIZE)
+        if self.method == "budget":
+            self._find_layers(pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if not self._active(trainer) or optimizer is not trainer.optimizers[0]:

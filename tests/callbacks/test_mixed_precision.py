@@ -102,7 +102,7 @@ CASES = {
                  {"max_epochs": 1}, _check_sparsity),
     "post_pruning": (lambda: [StructuredPruning(amount=0.3, target="params", schedule="linear", start_epoch=0,
                                                 end_epoch=1, steps=1, round_to=None, input_size=SIZE),
-                              PostPruning(max_miou_drop=2.0, eval_batches=1, input_size=SIZE)],
+                              PostPruning(max_group_miou_drop=2.0, eval_batches=1, input_size=SIZE)],
                      {"max_epochs": 1}, _check_post_pruning),
     "distillation": (lambda: [KnowledgeDistillation(teacher="snapshot", losses={"pixel_kl": 1.0, "cirkd_pixel": 1.0},
                                                     hints=[{"student": "body.3", "teacher": "body.3"}],

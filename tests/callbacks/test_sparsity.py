@@ -211,7 +211,7 @@ def test_post_pruning_callback_keeps_only_cheap_groups_and_checkpoints_them(tmp_
     module = TinyModule()
     pruning = StructuredPruning(amount=0.4, target="channels", importance="l2", start_epoch=1, round_to=None,
                                 global_pruning=False, rel_tolerance=0.2, input_size=[32, 32])
-    post = PostPruning(max_miou_drop=0.0, eval_batches=1, input_size=[32, 32])
+    post = PostPruning(max_group_miou_drop=0.0, eval_batches=1, input_size=[32, 32])
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[pruning, post]))
     trainer.fit(module, _data())
     (step,) = post.steps

@@ -26,7 +26,7 @@ YAML_EXAMPLES = [("docs/usage.md", 0, ["lraspp_mobilenet_v3_large", "CityscapesD
                  ("docs/quantization.md", 0, ["QuantizationAwareTraining", "freeze_bn_epoch: 10"]),
                  ("docs/shunt.md", 0, ["ShuntReplacement", "stage_a_epochs: 3", "KnowledgeDistillation"]),
                  ("docs/sparsity.md", 0, ["SparsityRegularization", "method: acsl", "PostPruning"]),
-                 ("docs/post_pruning.md", 0, ["StructuredPruning", "PostPruning", "max_miou_drop: 0.5"]),
+                 ("docs/post_pruning.md", 0, ["StructuredPruning", "PostPruning", "max_group_miou_drop: 0.5"]),
                  ("docs/benchmark_and_export.md", 1, ["DeviceBenchmark", "save_artifact: true"])]
 
 

@@ -128,7 +128,7 @@ def trainer(callbacks, strategy="ddp", max_epochs=2) -> pl.Trainer:
 def fit_stack() -> pl.Trainer:
     pl.seed_everything(0)
     sparsity = SparsityRegularization(method="acsl", strength=1e-2, update_every=1, end_epoch=2, input_size=SIZE)
-    post = PostPruning(max_miou_drop=2.0, eval_batches=1, input_size=SIZE)
+    post = PostPruning(max_group_miou_drop=2.0, eval_batches=1, input_size=SIZE)
     distillation = KnowledgeDistillation(teacher="snapshot", snapshot_at="before_compression", input_size=SIZE,
                                          losses={"pixel_kl": 1.0}, hints=[{"student": "body.3", "teacher": "body.3"}])
     benchmark = DeviceBenchmark(input_size=SIZE, runtimes=["eager"], warmup=0, runs=1, isolate=False, memory=False,

@@ -283,7 +283,7 @@ class JudgedStatistics(pl.Callback):
 
 
 def test_post_pruning_judges_reestimated_trials(tmp_path):
-    post = PostPruning(max_miou_drop=100.0, eval_batches=1, input_size=[16, 16], bn_batches=3)
+    post = PostPruning(max_group_miou_drop=100.0, eval_batches=1, input_size=[16, 16], bn_batches=3)
     judged = JudgedStatistics(post, Scenes())
     pruning = _pruning(global_pruning=False)
     _fit(tmp_path, [pruning, post, judged])
