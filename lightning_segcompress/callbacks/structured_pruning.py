@@ -159,8 +159,7 @@ class StructuredPruning(CompressionProducer):
         latency_ranking: bool = False,
         bn_batches: int = 32,
     ) -> None:
-        rel_tolerance = self.take_renamed("tolerance", "rel_tolerance", tolerance,
-                                         rel_tolerance, 0.03)
+        rel_tolerance = self.take_renamed("tolerance", "rel_tolerance", tolerance, rel_tolerance, 0.03)
         self.schedule = PruningSchedule(kind=schedule, amount=amount, start_epoch=start_epoch,
                                         end_epoch=end_epoch, steps=steps)
         # planning, the reference, Taylor gradients and the latency model (Trainer-free)
@@ -248,7 +247,8 @@ class StructuredPruning(CompressionProducer):
                                "give the trainer validation data (limit_val_batches > 0) or drop max_miou_drop.")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.pruner.clear_gradients()
+        if not self._due_steps(trainer.current_epoch - 1):  # a step still waiting for Taylor gradients keeps them
+            self.pruner.clear_gradients()
         if self.lr_rewind_epoch == trainer.current_epoch and self.lr_rewind_state is None:
             self.lr_rewind_state = lr_schedule_state(trainer)
         if self.budget is not None and trainer.current_epoch == self._final_check_epoch(trainer) \
