@@ -209,6 +209,15 @@ def test_taylor_importance_prunes_after_its_gradient_batches(tmp_path):
     assert record["achieved_fraction"] == pytest.approx(0.3, rel=0.03)
 
 
+def test_taylor_importance_with_one_batch_epochs_prunes_at_the_next_epochs_start(tmp_path):
+    pruning = StructuredPruning(amount=0.3, target="macs", importance="taylor", taylor_batches=8,
+                                schedule="one_shot", start_epoch=0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=1, callbacks=[pruning]))
+    trainer.fit(SegmentationModule(SMP_UNET, num_classes=4), _data(num_train=4))
+    (record,) = pruning.records
+    assert (record["epoch"], record["global_step"]) == (1, 1), "epoch 0's one gradient batch is kept, not dropped"
+
+
 # ---- bad input and failures -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
