@@ -30,6 +30,8 @@ The regime matches real use: users compress converged models.
 Rows (``--rows`` takes the ids in brackets):
 
   [control]   control                           no compression, the same R epochs
+  [control_peak] control at the peak lr         no compression, the same R epochs at the baseline's peak lr ``--lr``
+                                                (the reference for the peak-lr rows: what the lr alone gives)
   [prune]     prune, no BN re-estimation, no fine-tuning
                                                 the immediate damage: the baseline pruned once (core API,
                                                 plan_step + prune_with_history, in eval mode), evaluated as left;
@@ -142,6 +144,7 @@ NO_FT_BN_BATCHES = 32  # training batches the prune_bn row re-estimates BatchNor
 CACHE_VERSION = 1  # bump when what a row does changes: every cached run is then redone
 ROWS = {  # id: table name
     "control": "control",
+    "control_peak": "control at the peak lr",
     "prune": "prune, no BN re-estimation, no fine-tuning",
     "prune_bn": "prune + BN re-estimation, no fine-tuning",
     "as_left": "prune as left (no BN re-estimation) + fine-tune",
@@ -158,11 +161,11 @@ ROWS = {  # id: table name
     "int8": "best + PT2E int8",
 }
 NO_TRAINING = ("prune", "prune_bn")  # rows evaluated without any fine-tuning
-PRUNING = [r for r in ROWS if r != "control"]  # rows compared with as_left too
+PRUNING = [r for r in ROWS if r not in ("control", "control_peak")]  # rows compared with as_left too
 INT8_BASES = ("as_left", "bn_ft", "rewind", "kd_kl", "kd_cwd", "rewind_kd", "rewind_taylor", "rewind_iter", "post",
               "post_bn")  # fine-tuning rows
 KD_LOSSES = {"kd_kl": {"pixel_kl": {}}, "kd_cwd": {"cwd": {}}, "rewind_kd": {"cwd": {}}}
-PEAK_LR_ROWS = ("rewind", "rewind_kd", "rewind_taylor", "rewind_iter")
+PEAK_LR_ROWS = ("control_peak", "rewind", "rewind_kd", "rewind_taylor", "rewind_iter")
 PRUNING_OVERRIDES = {  # rows that prune differently from the default (L2, one step at epoch 0)
     "rewind_taylor": {"importance": "taylor"},
     "rewind_iter": {"schedule": "linear", "steps": 3, "start_epoch": 0, "end_epoch": 3},
@@ -374,7 +377,7 @@ def qat_start(args, recovery: int) -> int:
 def row_callbacks(args, row: str, recovery: int, base: str | None = None) -> tuple[list, float]:
     """The callbacks and the learning rate of a fine-tuning row."""
     lr = args.lr if row in PEAK_LR_ROWS else args.finetune_lr
-    if row == "control":
+    if row in ("control", "control_peak"):
         return [], lr
     if row == "as_left":
         return [pruning(args, bn_batches=0)], lr
@@ -769,12 +772,17 @@ def report(args, results: dict, session: dict, quiet: bool = False) -> None:
 
 COMPARISONS = [  # (row, reference): what one recovery option adds, paired by sample
     ("prune_bn", "prune"), ("bn_ft", "as_left"), ("rewind", "bn_ft"), ("kd_kl", "bn_ft"), ("kd_cwd", "bn_ft"),
-    ("rewind_kd", "rewind"), ("rewind_taylor", "rewind"), ("rewind_iter", "rewind"), ("post_bn", "post")]
+    ("rewind_kd", "rewind"), ("rewind_taylor", "rewind"), ("rewind_iter", "rewind"), ("post_bn", "post"),
+    ("control_peak", "control"), ("rewind", "control_peak"), ("rewind_taylor", "control_peak"),
+    ("int8", "control_peak")]
 
 
 def comparison_lines(rows: dict) -> list[str]:
     """Paired differences between rows that differ in one recovery option, from the rows' per-sample values."""
     by_row = {s["row"]: s for s in rows.values() if "per_sample" in s and not s.get("base")}
+    for s in rows.values():  # the int8 row, on whichever base it was built
+        if "per_sample" in s and s.get("base"):
+            by_row.setdefault(s["row"], s)
     lines = []
     for row, reference in COMPARISONS:
         if row not in by_row or reference not in by_row:
