@@ -48,7 +48,7 @@ def load_network(
 def load_module(ckpt: str, recipe: str | None = None, model_class: str | None = None):
     """The LightningModule of checkpoint ``ckpt`` with its compression replayed and its weights loaded (CPU)."""
     from lightning_segcompress.models.factory import resolve_class_path
-    from lightning_segcompress.state import _load_compressed
+    from lightning_segcompress.state.checkpoint import _load_compressed
     from lightning_segcompress.utils.checkpoint_io import read_checkpoint
 
     checkpoint = read_checkpoint(ckpt)
