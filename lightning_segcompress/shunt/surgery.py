@@ -12,7 +12,13 @@ from torch import nn
 from lightning_segcompress.shunt.architecture import Shunt, downsamples_between, shunt_config
 from lightning_segcompress.shunt.blocks import Block, ShuntError
 from lightning_segcompress.state import get_stages, set_stage
-from lightning_segcompress.utils.inspection import count_macs, count_params, evaluation_mode, forward_with_hooks
+from lightning_segcompress.utils.inspection import (
+    count_macs,
+    count_params,
+    evaluation_mode,
+    forward_with_hooks,
+    has_submodule,
+)
 from lightning_segcompress.utils.rollback import atomic
 
 STAGE_KIND = "shunt"
@@ -116,19 +122,11 @@ def apply_stage(network: nn.Module, stage: dict, applied: dict | None) -> None:
     """Checkpoint replay: splice a freshly built shunt of the stored configuration (its weights load next)."""
     if applied is not None:
         return
-    missing = [name for name in stage["blocks"] if not _has_module(network, name)]
+    missing = [name for name in stage["blocks"] if not has_submodule(network, name)]
     if missing:
         raise ShuntError(f"the checkpoint replaces blocks {missing} that {type(network).__name__} does not have: "
                          "build the network exactly as for training.")
     splice(network, stage["blocks"], Shunt(stage["shunt"]))
-
-
-def _has_module(network: nn.Module, name: str) -> bool:
-    try:
-        network.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def modules_before(network: nn.Module, name: str, example: torch.Tensor) -> list[str]:

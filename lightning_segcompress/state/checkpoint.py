@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_segcompress.state.registry import stage_applier
 from lightning_segcompress.utils.checkpoint_io import CheckpointError, read_checkpoint, state_dict_mismatch
-from lightning_segcompress.utils.inspection import find_network
+from lightning_segcompress.utils.inspection import find_network, has_submodule
 
 STAGES_ATTRIBUTE = "_segcompress_stages"
 # a network whose own state dict cannot be loaded back (e.g. a converted PT2E graph, whose scales are constants)
@@ -173,7 +173,7 @@ def _load_compressed(model: nn.Module, checkpoint: dict, checkpoint_path: str | 
                      strict: bool = True) -> nn.Module:
     """:func:`load_compressed` of an already read ``checkpoint``."""
     path = (checkpoint.get(CHECKPOINT_KEY) or {}).get("network_attribute")
-    if path and not _has_submodule(model, path):  # the bare network, given a LightningModule's checkpoint
+    if path and not has_submodule(model, path):  # the bare network, given a LightningModule's checkpoint
         return _load_network_weights(model, checkpoint, checkpoint_path, CheckpointError,
                                      "Build the network exactly as for the run that wrote it.")
     model = restore_from_checkpoint(model, checkpoint)
@@ -246,12 +246,4 @@ def _same_module(module: nn.Module, checkpoint: dict) -> bool:
     path = entry.get("network_attribute")
     if not entry or path is None:
         return False
-    return _has_submodule(module, path)
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+    return has_submodule(module, path)

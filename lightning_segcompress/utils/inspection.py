@@ -358,3 +358,12 @@ def forward_with_hooks(network: nn.Module, example: torch.Tensor, handles: list)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def has_submodule(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` has a submodule at dotted path ``name``."""
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
